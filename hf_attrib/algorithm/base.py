@@ -1,0 +1,202 @@
+"""The loop every attributor shares: checkpoints x train batches x test batches.
+
+Most methods score a pair (train ``i``, test ``j``) as a weighted sum over checkpoints ``c`` of
+an inner product of two feature vectors,
+
+    score[i, j] = r_i * sum_c w_c <u_c(x_i), T_c(v_c(x_j))>,
+
+where ``u`` is a *train feature* (a loss gradient, perhaps projected), ``v`` a *test feature*
+(a target gradient, perhaps projected), ``T_c`` a per-checkpoint transform built in ``cache``
+(an inverse Hessian, TRAK's kernel inverse, the identity) and ``r_i`` an optional per-example
+factor (TRAK's ``Q``). ``FeatureAttributor`` implements that loop once, with bounded memory:
+features are computed ``grad_chunk_size`` examples at a time and projected right away, the
+train side is kept in memory only when it fits ``max_cache_bytes``, and scores are filled in
+``[train batch, all test]`` blocks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from hf_attrib.func.projection import Projector, make_projector
+from hf_attrib.func.utils import batch_size_of
+from hf_attrib.task import AttributionTask, CheckpointFunctions
+
+__all__ = ["BaseAttributor", "FeatureAttributor", "check_loader", "to_device"]
+
+# Per-example gradients held at once before projection: chunk * d floats stay under this.
+_GRAD_CHUNK_BYTES = 256 * 2**20
+
+
+def check_loader(loader: Any, role: str) -> None:
+    """Refuse loaders whose order is not fixed, and empty ones.
+
+    Scores are rows/columns in the loader's order, so a shuffling loader would silently
+    mis-align them with the dataset.
+    """
+    if not isinstance(loader, DataLoader) and not hasattr(loader, "__iter__"):
+        raise TypeError(f"{role} loader must be a torch DataLoader or an iterable of batches.")
+    samplers = [getattr(loader, "sampler", None),
+                getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    if any(isinstance(s, RandomSampler) or getattr(s, "shuffle", False) for s in samplers):
+        raise ValueError(
+            f"the {role} loader shuffles (RandomSampler): scores would not line up with the "
+            f"dataset. Build it with shuffle=False (or a SequentialSampler / "
+            f"hf_attrib.benchmark.utils.SubsetSampler)."
+        )
+    try:
+        empty = len(loader) == 0
+    except TypeError:
+        empty = False
+    if empty:
+        raise ValueError(f"the {role} loader is empty; it must yield at least one batch.")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: to_device(v, device) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class BaseAttributor(ABC):
+    """The public surface of every attributor.
+
+    Args:
+        task: the attribution task.
+        layer_name: parameter or module names to attribute through (``None``: all).
+        device: where the computation runs.
+        grad_chunk_size: examples per vectorised per-example-gradient call (``None``: chosen
+            so that one chunk of gradients takes at most 256 MiB).
+        progress: show tqdm progress bars.
+    """
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None = None,
+        device: torch.device | str = "cpu",
+        grad_chunk_size: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(task, AttributionTask):
+            raise TypeError("task must be an hf_attrib.task.AttributionTask.")
+        self.task = task
+        self.layer_name = layer_name
+        self.device = torch.device(device)
+        self.grad_chunk_size = grad_chunk_size
+        self.progress = progress
+        task.to(self.device)
+        task.select_parameters(layer_name)  # fail early on an unknown layer name
+
+    # -- public API ------------------------------------------------------------------------
+    @abstractmethod
+    def cache(self, train_loader: DataLoader) -> None:
+        """Compute (and keep, memory permitting) training features and per-checkpoint state.
+
+        The loader given here also defines the training set for Hessians and kernels; later
+        ``attribute``/``self_attribute`` calls with this same loader reuse its features.
+        """
+        check_loader(train_loader, "train")
+        self._cache_loader = None
+        self._train_cache.clear()
+        self._states.clear()
+        self._n_cache = self._count(train_loader)
+        self._hessian_loader = train_loader
+        for c in range(self.task.num_checkpoints):
+            fns = self.task.functions(c, self.layer_name)
+            features = self._cache_features(fns, train_loader)
+            self._states[c] = self._prepare(fns, train_loader, features)
+        self._cache_loader = train_loader
+
+    def _cache_features(self, fns: CheckpointFunctions, loader: DataLoader) -> Tensor | None:
+        """Training features of one checkpoint, kept if they fit ``max_cache_bytes``."""
+        feats_list: list[Tensor] = []
+        factor_list: list[Tensor | None] = []
+        for _, feats, factor, _ in self._train_blocks(fns, loader):
+            feats_list.append(feats)
+            factor_list.append(factor)
+            size = sum(f.numel() * f.element_size() for f in feats_list)
+            if size > self.max_cache_bytes:
+                return None  # too large to keep: recomputed block by block when needed
+        features = torch.cat(feats_list)
+        factors = None if factor_list[0] is None else torch.cat(factor_list)
+        self._train_cache[fns.index] = (features, factors)
+        return features
+
+    def _count(self, loader: DataLoader) -> int:
+        try:
+            return len(loader.sampler)
+        except (AttributeError, TypeError):
+            return sum(batch_size_of(b) for b in loader)
+
+    def _ensure_cached(self, train_loader: DataLoader) -> None:
+        if self._cache_loader is None:
+            self.cache(train_loader)
+
+    def attribute(self, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
+        self._ensure_cached(train_loader)
+        scores: Tensor | None = None
+        row_factor: Tensor | None = None
+        for c in range(self.task.num_checkpoints):
+            fns = self.task.functions(c, self.layer_name)
+            test = self._transform_test(fns, self._states[c], self._test_features(fns, test_loader))
+            weight = self._weight(fns)
+            blocks = []
+            factors = []
+            for _, feats, factor, _ in self._train_blocks(fns, train_loader):
+                blocks.append(weight * (feats @ test.T))
+                factors.append(factor)
+            block = torch.cat(blocks)
+            scores = block if scores is None else scores + block
+            if factors[0] is not None:
+                f = torch.cat(factors) / self.task.num_checkpoints
+                row_factor = f if row_factor is None else row_factor + f
+        assert scores is not None
+        if row_factor is not None:
+            scores = scores * row_factor[:, None]
+        return scores
+
+    def self_attribute(self, train_loader: DataLoader) -> Tensor:
+        self._ensure_cached(train_loader)
+        total: Tensor | None = None
+        row_factor: Tensor | None = None
+        for c in range(self.task.num_checkpoints):
+            fns = self.task.functions(c, self.layer_name)
+            weight = self._weight(fns)
+            values, factors = [], []
+            cached = train_loader is self._cache_loader and c in self._train_cache
+            batches = self._batches(train_loader, "train", f"self-influence (ckpt {c})")
+            for offset, batch in batches:
+                size = batch_size_of(batch)
+                if cached:
+                    feats, factor_all = self._train_cache[c]
+                    feats = feats[offset:offset + size]
+                    factor = None if factor_all is None else factor_all[offset:offset + size]
+                else:
+                    feats = self._features(fns, batch, self.train_kind, offset, "train")
+                    factor = self._row_factor(fns, batch)
+                same_side = self.train_kind == self.test_kind or fns.target_is_loss
+                test_raw = feats if same_side else self._features(
+                    fns, batch, self.test_kind, offset, "train")
+                test = self._transform_test(fns, self._states[c], test_raw)
+                values.append(weight * (feats * test).sum(dim=1))
+                factors.append(factor)
+            block = torch.cat(values)
+            total = block if total is None else total + block
+            if factors[0] is not None:
+                f = torch.cat(factors) / self.task.num_checkpoints
+                row_factor = f if row_factor is None else row_factor + f
+        assert total is not None
+        return total if row_factor is None else total * row_factor

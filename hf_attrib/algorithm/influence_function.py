@@ -1,0 +1,256 @@
+r"""Influence functions (Koh & Liang, 2017) with four IHVP solvers.
+
+For training example :math:`x_i` and test example :math:`x`,
+
+.. math::
+    \tau(x)_i = -\frac{1}{n}\, \nabla_\theta f(x)^\top (H + \lambda I)^{-1} \nabla_\theta L(x_i),
+    \qquad H = \frac{1}{n}\sum_{j=1}^n \nabla^2_\theta L(x_j),
+
+the first-order estimate of how much including :math:`x_i` raises the target :math:`f` on
+:math:`x` (removing it moves the parameters by :math:`\tfrac1n H^{-1}\nabla L(x_i)`). The
+paper's Appendix A writes :math:`g(x_i)^\top H^{-1} g(x)`; the factor :math:`-1/n` makes the
+scores additive predictions of the target on the library-wide sign convention. The training
+set of the Hessian is the loader passed to ``cache``. With several checkpoints, scores are
+averaged.
+
+Solvers: ``IFAttributorExplicit`` (the ``d x d`` Hessian, inverted once), ``IFAttributorCG``
+(conjugate gradients on all test gradients at once), ``IFAttributorLiSSA`` (stochastic Neumann
+series over random training mini-batches) and ``IFAttributorArnoldi`` (top eigenpairs of
+:math:`H`, then a projection of every gradient onto them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from hf_attrib.algorithm.base import FeatureAttributor, to_device
+from hf_attrib.func.hessian import _hvp_operator, arnoldi_eigen, batched_cg, lissa_recursion
+from hf_attrib.func.projection import Projector
+from hf_attrib.func.utils import batch_size_of
+from hf_attrib.task import AttributionTask, CheckpointFunctions
+
+__all__ = [
+    "IFAttributorArnoldi",
+    "IFAttributorCG",
+    "IFAttributorExplicit",
+    "IFAttributorLiSSA",
+]
+
+# Largest Hessian IFAttributorExplicit builds (float64 bytes): beyond it, use another solver.
+_MAX_EXPLICIT_BYTES = 4 * 2**30
+
+
+class _IFBase(FeatureAttributor):
+    """Shared pieces: train side = loss gradients, test side = target gradients, weight -1/n."""
+
+    train_kind = "loss"
+    test_kind = "target"
+
+    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+                 device: torch.device | str = "cpu", regularization: float = 0.0,
+                 mode: str = "rev-rev", rhs_chunk_size: int = 256, **kwargs: Any) -> None:
+        super().__init__(task, layer_name, device, **kwargs)
+        if regularization < 0:
+            raise ValueError("regularization must be >= 0.")
+        self.regularization = regularization
+        self.mode = mode
+        self.rhs_chunk_size = rhs_chunk_size
+
+    def _weight(self, fns: CheckpointFunctions) -> float:
+        return -1.0 / (self._n_cache * self.task.num_checkpoints)
+
+    def _hessian_batches(self) -> list[tuple[Any, float]]:
+        """The Hessian's training batches on the device, with weights ``B_b / n``."""
+        loader = self._hessian_loader
+        assert loader is not None, "cache() sets the Hessian's training set"
+        return [(batch, batch_size_of(batch) / self._n_cache)
+                for _, batch in self._batches(loader, "train", "Hessian data")]
+
+    def _hessian_matvec(self, fns: CheckpointFunctions) -> Callable[[Tensor], Tensor]:
+        """``V [k, d] -> H V`` for the training-set Hessian (``k`` solved in chunks)."""
+        batches = self._hessian_batches()
+
+        def matvec(v: Tensor) -> Tensor:
+            out = torch.zeros_like(v)
+            for batch, w in batches:
+                op = _hvp_operator(lambda t, b=batch: fns.loss(t, b), fns.theta, self.mode)
+                for start in range(0, v.shape[0], self.rhs_chunk_size):
+                    rows = slice(start, start + self.rhs_chunk_size)
+                    out[rows] += w * op(v[rows])
+            return out
+
+        return matvec
+
+
+class IFAttributorExplicit(_IFBase):
+    """Influence function with the explicit Hessian, inverted once per checkpoint (exact).
+
+    Memory grows as ``d^2``: restrict ``layer_name`` for anything beyond ~20k parameters.
+
+    Args:
+        task: the attribution task.
+        layer_name: parameters to attribute through.
+        device: where to compute.
+        regularization: :math:`\\lambda` added to the Hessian's diagonal.
+    """
+
+    def _prepare(self, fns: CheckpointFunctions, loader: DataLoader,
+                 features: Tensor | None) -> Tensor:
+        d = fns.dim
+        if d * d * 8 > _MAX_EXPLICIT_BYTES:
+            raise MemoryError(
+                f"IFAttributorExplicit would build a {d} x {d} Hessian "
+                f"({d * d * 8 / 2**30:.1f} GiB). Select fewer parameters with layer_name, or "
+                "use IFAttributorCG, IFAttributorLiSSA or IFAttributorArnoldi."
+            )
+        hessian = torch.zeros(d, d, dtype=torch.float64, device=self.device)
+        for batch, w in self._hessian_batches():
+            hessian += w * torch.func.hessian(lambda t, b=batch: fns.loss(t, b))(fns.theta).double()
+        hessian += self.regularization * torch.eye(d, dtype=torch.float64, device=self.device)
+        return torch.linalg.inv(hessian)
+
+    def _transform_test(self, fns: CheckpointFunctions, state: Tensor, feats: Tensor) -> Tensor:
+        return (feats.double() @ state).to(feats.dtype)
+
+
+class IFAttributorCG(_IFBase):
+    """Influence function with conjugate-gradient IHVPs (all test gradients solved together).
+
+    Args:
+        max_iter: CG iterations (each is one pass of HVPs over the training set).
+        tol: residual-norm tolerance per right-hand side.
+        regularization: :math:`\\lambda` (damping) added to the Hessian.
+        mode: HVP mode, ``"rev-rev"`` or ``"rev-fwd"``.
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+                 device: torch.device | str = "cpu", max_iter: int = 10, tol: float = 1e-7,
+                 regularization: float = 0.0, mode: str = "rev-rev", **kwargs: Any) -> None:
+        super().__init__(task, layer_name, device, regularization, mode, **kwargs)
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def _prepare(self, fns, loader, features):
+        matvec = self._hessian_matvec(fns)
+        return lambda v: matvec(v) + self.regularization * v
+
+    def _transform_test(self, fns: CheckpointFunctions, state: Any, feats: Tensor) -> Tensor:
+        return batched_cg(state, feats, max_iter=self.max_iter, tol=self.tol)
+
+
+class IFAttributorLiSSA(_IFBase):
+    """Influence function with LiSSA IHVPs (Agarwal et al., 2017).
+
+    Each recursion step uses the Hessian of ``batch_size`` training examples drawn at random
+    (seeded) from the ``cache`` loader's dataset. The result approximates
+    ``(H + damping * scaling * I)^{-1} v``: ``scaling`` must exceed the top Hessian eigenvalue.
+
+    Args:
+        batch_size: examples per recursion step.
+        num_repeat: independent recursions averaged.
+        recursion_depth: steps per recursion.
+        damping: see above.
+        scaling: see above.
+        seed: seed of the mini-batch sampler.
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+                 device: torch.device | str = "cpu", batch_size: int = 50, num_repeat: int = 1,
+                 recursion_depth: int = 500, damping: float = 0.0, scaling: float = 50.0,
+                 mode: str = "rev-rev", seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(task, layer_name, device, 0.0, mode, **kwargs)
+        self.batch_size = batch_size
+        self.num_repeat = num_repeat
+        self.recursion_depth = recursion_depth
+        self.damping = damping
+        self.scaling = scaling
+        self.seed = seed
+
+    def _prepare(self, fns, loader, features):
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__getitem__"):
+            raise TypeError("IFAttributorLiSSA samples training mini-batches by index: the "
+                            "cache loader needs a map-style dataset (loader.dataset[i]).")
+        sampler = getattr(loader, "sampler", None)
+        indices = list(sampler) if sampler is not None else list(range(len(dataset)))
+        return dataset, indices, loader.collate_fn
+
+    def _transform_test(self, fns: CheckpointFunctions, state: Any, feats: Tensor) -> Tensor:
+        dataset, indices, collate = state
+        gen = torch.Generator().manual_seed(self.seed)
+        size = min(self.batch_size, len(indices))
+
+        def sample_matvec(_: int) -> Callable[[Tensor], Tensor]:
+            picks = torch.randperm(len(indices), generator=gen)[:size].tolist()
+            batch = to_device(collate([dataset[indices[i]] for i in picks]), self.device)
+            return _hvp_operator(lambda t: fns.loss(t, batch), fns.theta, self.mode)
+
+        return lissa_recursion(sample_matvec, feats, self.recursion_depth, self.num_repeat,
+                               self.damping, self.scaling)
+
+
+class _EigenProjector(Projector):
+    def __init__(self, eigenvectors: Tensor) -> None:
+        super().__init__(eigenvectors.shape[1], eigenvectors.shape[0])
+        self.eigenvectors = eigenvectors
+
+    def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
+        return features @ self.eigenvectors.T
+
+
+class IFAttributorArnoldi(_IFBase):
+    """Influence function on the top-``proj_dim`` Hessian eigenspace (Schioppa et al., 2022).
+
+    An Arnoldi run of ``max_iter`` HVPs over the training set finds the eigenpairs
+    :math:`(\\lambda_k, v_k)`; gradients are projected onto the :math:`v_k` (so train features
+    are ``proj_dim``-sized and cheap to keep) and scored as
+    :math:`-\\frac1n\\sum_k (v_k^\\top g_f)(v_k^\\top g_L)/(\\lambda_k + \\text{reg})`.
+
+    Args:
+        proj_dim: eigenpairs kept.
+        max_iter: Arnoldi iterations (Krylov dimension, at least ``proj_dim``).
+        norm_constant: divides the Hessian during the run, for very large spectra.
+        regularization: added to every kept eigenvalue.
+        seed: seed of the Arnoldi start vector.
+    """
+
+    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+                 device: torch.device | str = "cpu", proj_dim: int = 100, max_iter: int = 200,
+                 norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0,
+                 mode: str = "rev-fwd", seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(task, layer_name, device, regularization, mode, **kwargs)
+        self.proj_dim = proj_dim
+        self.max_iter = max(max_iter, proj_dim)
+        self.norm_constant = norm_constant
+        self.tol = tol
+        self.seed = seed
+        self._eigen: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def cache(self, train_loader: DataLoader) -> None:
+        self._eigen.clear()
+        self._projectors.clear()
+        super().cache(train_loader)
+
+    def _projector(self, fns: CheckpointFunctions) -> Projector:
+        if fns.index not in self._projectors:
+            matvec = self._hessian_matvec(fns)
+            evals, evecs = arnoldi_eigen(
+                lambda v: matvec(v) / self.norm_constant, fns.dim, max_iter=self.max_iter,
+                top_k=self.proj_dim, tol=self.tol, seed=self.seed, dtype=fns.theta.dtype,
+                device=self.device,
+            )
+            self._eigen[fns.index] = (evals * self.norm_constant, evecs)
+            self._projectors[fns.index] = _EigenProjector(evecs)
+        return self._projectors[fns.index]
+
+    def _prepare(self, fns, loader, features):
+        evals, _ = self._eigen[fns.index]
+        return evals + self.regularization
+
+    def _transform_test(self, fns: CheckpointFunctions, state: Tensor, feats: Tensor) -> Tensor:
+        return feats / state

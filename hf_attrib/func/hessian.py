@@ -1,0 +1,517 @@
+r"""Hessian-vector products and inverse-Hessian-vector products (paper Section 3.2).
+
+For a scalar function ``f(*x)`` and the argument ``x[argnums]`` (any shape, treated as a flat
+vector :math:`\theta \in \mathbb{R}^d`):
+
+* ``hvp``:  :math:`v \mapsto (H + \lambda I) v` with :math:`H = \nabla^2_\theta f`,
+* ``ihvp_<alg>``: :math:`v \mapsto (H + \lambda I)^{-1} v`, for ``alg`` in ``explicit``
+  (solve with the materialised Hessian), ``cg`` (conjugate gradients), ``lissa`` (the
+  stochastic Neumann recursion of Agarwal et al.) and ``arnoldi`` (top eigenpairs from an
+  Arnoldi/Lanczos run, Schioppa et al.).
+
+Each comes in two call forms, as in the paper's Demo 2:
+
+* ``ihvp_cg(f, argnums=0, max_iter=2)((x, param), v)``: the inputs are given with ``v``;
+* ``ihvp_at_x_cg(f, x, param, argnums=0, max_iter=2)(v)``: the inputs are fixed first, so
+  work that depends only on them (the linearisation, the Hessian, the Arnoldi basis) is done
+  once and reused for every ``v``.
+
+``v`` is one vector shaped like ``x[argnums]`` or a batch ``[k, *x[argnums].shape]``; all ``k``
+right-hand sides are solved together (one vectorised HVP per iteration), never one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "arnoldi_eigen",
+    "batched_cg",
+    "hvp",
+    "hvp_at_x",
+    "ihvp_arnoldi",
+    "ihvp_at_x_arnoldi",
+    "ihvp_at_x_cg",
+    "ihvp_at_x_explicit",
+    "ihvp_at_x_lissa",
+    "ihvp_cg",
+    "ihvp_explicit",
+    "ihvp_lissa",
+    "lissa_recursion",
+]
+
+_MODES = ("rev-rev", "rev-fwd")
+MatVec = Callable[[Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Plumbing: flatten the differentiated argument and batch v
+# --------------------------------------------------------------------------------------------
+def _check_mode(mode: str) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+
+
+def _flat_objective(func: Callable[..., Tensor], x: Sequence[Any], argnums: int):
+    """``theta -> func(*x)`` with ``x[argnums]`` replaced by ``theta.reshape(shape)``."""
+    if not isinstance(x, (tuple, list)):
+        raise TypeError("x must be a tuple of the function's arguments, e.g. (x, param).")
+    shape = x[argnums].shape
+    args = list(x)
+
+    def objective(theta: Tensor) -> Tensor:
+        call = list(args)
+        call[argnums] = theta.reshape(shape)
+        out = func(*call)
+        if out.dim() != 0:
+            raise ValueError(
+                f"the function must return a scalar to have a Hessian; got shape "
+                f"{tuple(out.shape)}. Reduce it (e.g. .sum() or .mean())."
+            )
+        return out
+
+    return objective, x[argnums].reshape(-1)
+
+
+def _as_batch(v: Tensor, shape: torch.Size) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """View ``v`` as ``[k, d]`` and return a function that restores its original layout."""
+    d = shape.numel()
+    if v.shape == shape:
+        return v.reshape(1, d), lambda out: out.reshape(shape)
+    if v.dim() >= 1 and v.shape[1:] == shape:
+        k = v.shape[0]
+        return v.reshape(k, d), lambda out: out.reshape(k, *shape)
+    if v.dim() == 2 and v.shape[1] == d:
+        return v, lambda out: out
+    raise ValueError(
+        f"v must have shape {tuple(shape)} or [k, {', '.join(map(str, shape))}]; "
+        f"got {tuple(v.shape)}."
+    )
+
+
+def _hvp_operator(objective: Callable[[Tensor], Tensor], theta: Tensor, mode: str) -> MatVec:
+    """A batched Hessian-vector product ``V [k, d] -> H V`` at ``theta``.
+
+    ``rev-rev`` builds the reverse-mode linearisation of the gradient once (``vjp``) and reuses
+    it; ``rev-fwd`` pushes tangents forward through the gradient (``jvp``), which needs less
+    memory for large ``k``.
+    """
+    _check_mode(mode)
+    grad_fn = torch.func.grad(objective)
+    if mode == "rev-rev":
+        _, vjp_fn = torch.func.vjp(grad_fn, theta)
+        return torch.func.vmap(lambda v: vjp_fn(v)[0])
+
+    def one(v: Tensor) -> Tensor:
+        return torch.func.jvp(grad_fn, (theta,), (v,))[1]
+
+    return torch.func.vmap(one)
+
+
+def _regularized(matvec: MatVec, regularization: float) -> MatVec:
+    if regularization == 0.0:
+        return matvec
+    return lambda v: matvec(v) + regularization * v
+
+
+# --------------------------------------------------------------------------------------------
+# HVP
+# --------------------------------------------------------------------------------------------
+def hvp(
+    func: Callable[..., Tensor], argnums: int = 0, mode: str = "rev-rev", regularization: float = 0.0
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """Hessian-vector product of ``func`` with respect to argument ``argnums``.
+
+    Returns:
+        ``hvp_func(x, v)`` computing :math:`(\\nabla^2 f(x) + \\lambda I) v`; ``x`` is the tuple
+        of ``func``'s arguments and ``v`` a vector or ``[k, ...]`` batch.
+    """
+    _check_mode(mode)
+
+    def hvp_func(x: Sequence[Any], v: Tensor) -> Tensor:
+        return hvp_at_x(func, x, argnums=argnums, mode=mode, regularization=regularization)(v)
+
+    return hvp_func
+
+
+def hvp_at_x(
+    func: Callable[..., Tensor],
+    x: Sequence[Any],
+    argnums: int = 0,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Tensor], Tensor]:
+    """Hessian-vector product at fixed inputs ``x``; the linearisation is built once."""
+    objective, theta = _flat_objective(func, x, argnums)
+    op = _regularized(_hvp_operator(objective, theta, mode), regularization)
+    shape = x[argnums].shape
+
+    def hvp_at_x_func(v: Tensor) -> Tensor:
+        vb, restore = _as_batch(v, shape)
+        return restore(op(vb.to(theta.dtype)))
+
+    return hvp_at_x_func
+
+
+# --------------------------------------------------------------------------------------------
+# Explicit
+# --------------------------------------------------------------------------------------------
+def _solve_explicit(hessian: Tensor, vb: Tensor, regularization: float) -> Tensor:
+    d = hessian.shape[0]
+    system = hessian + regularization * torch.eye(d, dtype=hessian.dtype, device=hessian.device)
+    # The Hessian is symmetric, so solve in float64 for stability and return in v's dtype.
+    return torch.linalg.solve(system.double(), vb.double().T).T.to(vb.dtype)
+
+
+def ihvp_explicit(
+    func: Callable[..., Tensor], argnums: int = 0, regularization: float = 0.0
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """IHVP by materialising the ``d x d`` Hessian and solving; exact, for small ``d``."""
+
+    def ihvp_func(x: Sequence[Any], v: Tensor) -> Tensor:
+        return ihvp_at_x_explicit(func, *x, argnums=argnums, regularization=regularization)(v)
+
+    return ihvp_func
+
+
+def ihvp_at_x_explicit(
+    func: Callable[..., Tensor], *x: Any, argnums: int = 0, regularization: float = 0.0
+) -> Callable[[Tensor], Tensor]:
+    """IHVP at fixed inputs: the Hessian is built and kept once."""
+    objective, theta = _flat_objective(func, x, argnums)
+    hessian = torch.func.hessian(objective)(theta)
+    shape = x[argnums].shape
+
+    def ihvp_at_x_func(v: Tensor) -> Tensor:
+        vb, restore = _as_batch(v, shape)
+        return restore(_solve_explicit(hessian, vb.to(theta.dtype), regularization))
+
+    return ihvp_at_x_func
+
+
+# --------------------------------------------------------------------------------------------
+# Conjugate gradients
+# --------------------------------------------------------------------------------------------
+def batched_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7) -> Tensor:
+    """Solve ``A X = B`` for ``k`` right-hand sides at once with conjugate gradients.
+
+    Each row of ``b`` runs its own CG recursion (its own step sizes), but every iteration makes
+    a single batched call ``matvec(P) -> A P`` for all rows. Rows stop updating once their
+    residual norm is below ``tol``.
+
+    Args:
+        matvec: ``[k, d] -> [k, d]``, a symmetric positive-definite operator applied row-wise.
+        b: right-hand sides ``[k, d]``.
+        max_iter: iteration cap.
+        tol: absolute residual-norm tolerance.
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = (r * r).sum(dim=1)
+    for _ in range(max_iter):
+        active = rs.sqrt() > tol
+        if not bool(active.any()):
+            break
+        ap = matvec(p)
+        curvature = (p * ap).sum(dim=1)
+        safe = active & (curvature != 0)
+        alpha = torch.where(safe, rs / torch.where(safe, curvature, 1.0), 0.0)
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * ap
+        rs_new = (r * r).sum(dim=1)
+        beta = torch.where(safe, rs_new / torch.where(safe, rs, 1.0), 0.0)
+        p = r + beta[:, None] * p
+        rs = torch.where(safe, rs_new, rs)
+    return x
+
+
+def ihvp_cg(
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """IHVP by conjugate gradients (Martens, 2010), all right-hand sides solved together."""
+    _check_mode(mode)
+
+    def ihvp_func(x: Sequence[Any], v: Tensor) -> Tensor:
+        return ihvp_at_x_cg(
+            func, *x, argnums=argnums, max_iter=max_iter, tol=tol, mode=mode,
+            regularization=regularization,
+        )(v)
+
+    return ihvp_func
+
+
+def ihvp_at_x_cg(
+    func: Callable[..., Tensor],
+    *x: Any,
+    argnums: int = 0,
+    max_iter: int = 10,
+    tol: float = 1e-7,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
+) -> Callable[[Tensor], Tensor]:
+    """CG IHVP at fixed inputs; the HVP linearisation is built once."""
+    objective, theta = _flat_objective(func, x, argnums)
+    op = _regularized(_hvp_operator(objective, theta, mode), regularization)
+    shape = x[argnums].shape
+
+    def ihvp_at_x_func(v: Tensor) -> Tensor:
+        vb, restore = _as_batch(v, shape)
+        return restore(batched_cg(op, vb.to(theta.dtype), max_iter=max_iter, tol=tol))
+
+    return ihvp_at_x_func
+
+
+# --------------------------------------------------------------------------------------------
+# LiSSA
+# --------------------------------------------------------------------------------------------
+def lissa_recursion(
+    sample_matvec: Callable[[int], MatVec],
+    v: Tensor,
+    recursion_depth: int,
+    num_repeat: int = 1,
+    damping: float = 0.0,
+    scaling: float = 50.0,
+) -> Tensor:
+    r"""The LiSSA estimator of :math:`(H + \text{damping}\cdot\text{scaling}\, I)^{-1} v`.
+
+    Runs :math:`h_0 = v,\; h_t = v + (1 - \text{damping})\, h_{t-1} - \tilde H_t h_{t-1} / s`
+    for ``recursion_depth`` steps, where :math:`\tilde H_t` is the Hessian of a freshly
+    sampled mini-batch (``sample_matvec(t)``), and returns :math:`h_T / s`, averaged over
+    ``num_repeat`` runs. It converges when :math:`\|H\| / s < 1`; choose ``scaling`` above the
+    largest Hessian eigenvalue.
+
+    Args:
+        sample_matvec: ``step -> (V [k, d] -> H_batch V)``.
+        v: right-hand sides ``[k, d]``.
+    """
+    if scaling <= 0:
+        raise ValueError("LiSSA scaling must be positive (and above the top Hessian eigenvalue).")
+    estimate = torch.zeros_like(v)
+    step = 0
+    for _ in range(num_repeat):
+        h = v.clone()
+        for _ in range(recursion_depth):
+            h = v + (1.0 - damping) * h - sample_matvec(step)(h) / scaling
+            step += 1
+        estimate += h / scaling
+    return estimate / num_repeat
+
+
+def _lissa_batch_sampler(
+    func: Callable[..., Tensor],
+    x: Sequence[Any],
+    argnums: int,
+    batch_size: int,
+    mode: str,
+    collate_fn: Callable[..., Any] | None,
+    seed: int,
+) -> Callable[[int], MatVec]:
+    """Sample ``batch_size`` rows of every data argument (all but ``argnums``) per step."""
+    data_pos = [i for i in range(len(x)) if i != argnums]
+    sizes = {x[i].shape[0] for i in data_pos if isinstance(x[i], Tensor) and x[i].dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            "ihvp_lissa samples mini-batches from the data arguments (every argument but "
+            "argnums), which must be tensors sharing their first (batch) dimension."
+        )
+    (n,) = sizes
+    gen = torch.Generator().manual_seed(seed)
+
+    def sample_matvec(_: int) -> MatVec:
+        idx = torch.randperm(n, generator=gen)[:batch_size]  # without replacement
+        call = list(x)
+        for i in data_pos:
+            call[i] = x[i][idx.to(x[i].device)]
+        if collate_fn is not None:
+            call = list(collate_fn(*call))
+        objective, theta = _flat_objective(func, call, argnums)
+        return _hvp_operator(objective, theta, mode)
+
+    return sample_matvec
+
+
+def ihvp_lissa(
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    batch_size: int = 1,
+    num_repeat: int = 1,
+    recursion_depth: int = 5000,
+    damping: float = 0.0,
+    scaling: float = 50.0,
+    collate_fn: Callable[..., Any] | None = None,
+    mode: str = "rev-rev",
+    seed: int = 0,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """IHVP by LiSSA (Agarwal et al., 2017); see ``lissa_recursion`` for the estimator.
+
+    The arguments of ``func`` other than ``argnums`` are data with a leading batch dimension;
+    each recursion step uses ``batch_size`` rows sampled from them (``collate_fn`` may rebuild
+    the argument tuple from the sampled rows). The result approximates
+    ``(H + damping * scaling * I)^{-1} v``.
+    """
+    _check_mode(mode)
+
+    def ihvp_func(x: Sequence[Any], v: Tensor) -> Tensor:
+        return ihvp_at_x_lissa(
+            func, *x, argnums=argnums, batch_size=batch_size, num_repeat=num_repeat,
+            recursion_depth=recursion_depth, damping=damping, scaling=scaling,
+            collate_fn=collate_fn, mode=mode, seed=seed,
+        )(v)
+
+    return ihvp_func
+
+
+def ihvp_at_x_lissa(
+    func: Callable[..., Tensor],
+    *x: Any,
+    argnums: int = 0,
+    batch_size: int = 1,
+    num_repeat: int = 1,
+    recursion_depth: int = 5000,
+    damping: float = 0.0,
+    scaling: float = 50.0,
+    collate_fn: Callable[..., Any] | None = None,
+    mode: str = "rev-rev",
+    seed: int = 0,
+) -> Callable[[Tensor], Tensor]:
+    """LiSSA IHVP at fixed inputs. Every call replays the same mini-batch sequence (``seed``)."""
+    _check_mode(mode)
+    shape = x[argnums].shape
+
+    def ihvp_at_x_func(v: Tensor) -> Tensor:
+        vb, restore = _as_batch(v, shape)
+        sampler = _lissa_batch_sampler(func, x, argnums, batch_size, mode, collate_fn, seed)
+        out = lissa_recursion(sampler, vb.to(x[argnums].dtype), recursion_depth, num_repeat,
+                              damping, scaling)
+        return restore(out)
+
+    return ihvp_at_x_func
+
+
+# --------------------------------------------------------------------------------------------
+# Arnoldi
+# --------------------------------------------------------------------------------------------
+def arnoldi_eigen(
+    matvec: MatVec,
+    dim: int,
+    max_iter: int = 100,
+    top_k: int | None = None,
+    tol: float = 1e-7,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Top eigenpairs of a symmetric operator from an Arnoldi run (Schioppa et al., 2022).
+
+    Builds an orthonormal Krylov basis ``Q`` (``max_iter`` vectors from a seeded random start,
+    re-orthogonalised twice for stability), projects the operator onto it, and diagonalises
+    the small projected matrix.
+
+    Args:
+        matvec: ``[k, d] -> [k, d]``.
+        dim: ``d``.
+        max_iter: Krylov dimension (capped at ``d``).
+        top_k: how many eigenpairs to keep, largest magnitude first (``None``: all found).
+        tol: stop early when the next basis vector's norm falls below it.
+
+    Returns:
+        ``(eigenvalues [k], eigenvectors [k, d])``, eigenvectors as rows.
+    """
+    max_iter = min(max_iter, dim)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(dim, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    basis = [q / q.norm()]
+    proj = torch.zeros(max_iter + 1, max_iter, dtype=torch.float64)
+    for i in range(max_iter):
+        w = matvec(basis[i][None])[0]
+        q_mat = torch.stack(basis)
+        for _ in range(2):  # classical Gram-Schmidt, twice ("twice is enough")
+            coeff = q_mat @ w
+            w = w - coeff @ q_mat
+            proj[: i + 1, i] += coeff.double().cpu()
+        norm = w.norm()
+        proj[i + 1, i] = norm.double().cpu()
+        if norm < tol:
+            break
+        basis.append(w / norm)
+    m = min(len(basis), max_iter)
+    small = proj[:m, :m]
+    small = (small + small.T) / 2  # the operator is symmetric: keep the symmetric part
+    evals, evecs = torch.linalg.eigh(small)
+    order = torch.argsort(evals.abs(), descending=True)
+    if top_k is not None:
+        order = order[:top_k]
+    evals, evecs = evals[order], evecs[:, order]
+    q_mat = torch.stack(basis[:m]).double()
+    vectors = (evecs.T.to(q_mat.device) @ q_mat).to(dtype)
+    return evals.to(dtype=dtype, device=vectors.device), vectors
+
+
+def _arnoldi_solve(evals: Tensor, evecs: Tensor, vb: Tensor, regularization: float) -> Tensor:
+    coeff = vb @ evecs.T  # [k, top_k]
+    return (coeff / (evals + regularization)) @ evecs
+
+
+def ihvp_arnoldi(
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+    mode: str = "rev-fwd",
+    regularization: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> Callable[[Sequence[Any], Tensor], Tensor]:
+    """IHVP from the Hessian's top eigenpairs: ``V diag(1/(lambda + reg)) V^T v``."""
+    _check_mode(mode)
+
+    def ihvp_func(x: Sequence[Any], v: Tensor) -> Tensor:
+        return ihvp_at_x_arnoldi(
+            func, *x, argnums=argnums, max_iter=max_iter, tol=tol, mode=mode,
+            regularization=regularization, top_k=top_k, seed=seed,
+        )(v)
+
+    return ihvp_func
+
+
+def ihvp_at_x_arnoldi(
+    func: Callable[..., Tensor],
+    *x: Any,
+    argnums: int = 0,
+    max_iter: int = 100,
+    top_k: int | None = None,
+    norm_constant: float = 1.0,
+    tol: float = 1e-7,
+    mode: str = "rev-fwd",
+    regularization: float = 0.0,
+    seed: int = 0,
+) -> Callable[[Tensor], Tensor]:
+    """Arnoldi IHVP at fixed inputs: the eigenpairs are computed once and reused.
+
+    ``norm_constant`` divides the operator during the run (for Hessians with a very large
+    spectrum); eigenvalues are rescaled back afterwards.
+    """
+    objective, theta = _flat_objective(func, x, argnums)
+    op = _hvp_operator(objective, theta, mode)
+    evals, evecs = arnoldi_eigen(
+        lambda v: op(v) / norm_constant, theta.numel(), max_iter=max_iter, top_k=top_k,
+        tol=tol, seed=seed, dtype=theta.dtype, device=theta.device,
+    )
+    evals = evals * norm_constant
+    shape = x[argnums].shape
+
+    def ihvp_at_x_func(v: Tensor) -> Tensor:
+        vb, restore = _as_batch(v, shape)
+        return restore(_arnoldi_solve(evals, evecs, vb.to(theta.dtype), regularization))
+
+    return ihvp_at_x_func

@@ -1,0 +1,348 @@
+r"""Random projections of gradients: ``[n, d] -> [n, p]`` with inner products kept (JL).
+
+TRAK and TracIn compare gradients through inner products; projecting them to ``p << d``
+dimensions with a Johnson-Lindenstrauss map ``P`` (``E[P^T P] = I``) keeps those inner
+products within a small relative error while making storage and kernels ``p``-sized.
+
+Projectors are deterministic functions of ``(seed, ensemble_id)``: the same pair gives the same
+``P`` on every call, on every device, so train and test features of one ensemble member always
+share a projection. Available kinds:
+
+* ``"fast_jl"``: the CUDA kernel of the ``fast_jl`` package (optional ``cuda`` extra),
+  Rademacher entries generated on the fly.
+* ``"normal"`` / ``"rademacher"``: dense Gaussian or ±1 entries scaled by ``1/sqrt(p)``,
+  generated in blocks of input rows from a seeded generator, so the whole ``d x p`` matrix
+  never exists in memory.
+* ``"sparse"``: a sparse JL map (count-sketch with ``s`` non-zeros ``±1/sqrt(s)`` per input
+  coordinate) applied with ``index_add_``: ``O(n d s)`` work instead of ``O(n d p)``, the fast
+  choice on CPU.
+* ``"identity"``: no projection (``p = d``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ArnoldiProjector",
+    "DenseProjector",
+    "FastJLProjector",
+    "IdentityProjector",
+    "Projector",
+    "SparseProjector",
+    "arnoldi_project",
+    "fast_jl_available",
+    "make_projector",
+    "random_project",
+]
+
+_PROJ_TYPES = ("auto", "fast_jl", "normal", "rademacher", "sparse", "identity")
+# Rows of the implicit d x p matrix generated per block: bounds the projector's working memory
+# to block_rows * p floats whatever d is.
+_DEFAULT_BLOCK_ROWS = 16_384
+
+
+def fast_jl_available() -> bool:
+    """Whether the optional ``fast_jl`` CUDA extension is importable (checked lazily)."""
+    return importlib.util.find_spec("fast_jl") is not None
+
+
+def _block_seed(seed: int, ensemble_id: int, block: int) -> int:
+    # A fixed mixing of the three integers; any collision-free map works, this one is stable
+    # across Python processes (unlike hash()).
+    return (seed * 1_000_003 + ensemble_id * 10_007 + block * 97 + 12345) % (2**63 - 1)
+
+
+class Projector:
+    """Base class: ``projector(features [n, d], ensemble_id=0) -> [n, proj_dim]``."""
+
+    def __init__(self, feature_dim: int, proj_dim: int, seed: int = 0) -> None:
+        if feature_dim <= 0 or proj_dim <= 0:
+            raise ValueError(f"projection needs positive dimensions, got d={feature_dim}, "
+                             f"p={proj_dim}.")
+        self.feature_dim = feature_dim
+        self.proj_dim = proj_dim
+        self.seed = seed
+
+    def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, features: Tensor | Mapping[str, Tensor], ensemble_id: int = 0) -> Tensor:
+        features = _as_matrix(features)
+        if features.shape[1] != self.feature_dim:
+            raise ValueError(f"projector built for d={self.feature_dim} got features of "
+                             f"dimension {features.shape[1]}.")
+        return self.project(features, ensemble_id)
+
+
+class IdentityProjector(Projector):
+    """No projection: returns the features unchanged."""
+
+    def __init__(self, feature_dim: int, seed: int = 0) -> None:
+        super().__init__(feature_dim, feature_dim, seed)
+
+    def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
+        return features
+
+
+class DenseProjector(Projector):
+    """Dense Gaussian (``"normal"``) or Rademacher JL projection, generated block by block.
+
+    ``P[i, :]`` for input coordinate ``i`` comes from a generator seeded by
+    ``(seed, ensemble_id, i // block_rows)`` on the CPU, so results do not depend on the device
+    or on how the input is batched.
+    """
+
+    def __init__(self, feature_dim: int, proj_dim: int, seed: int = 0, kind: str = "normal",
+                 block_rows: int = _DEFAULT_BLOCK_ROWS) -> None:
+        super().__init__(feature_dim, proj_dim, seed)
+        if kind not in ("normal", "rademacher"):
+            raise ValueError(f"DenseProjector kind must be 'normal' or 'rademacher', got {kind!r}")
+        self.kind = kind
+        self.block_rows = block_rows
+
+    def _block(self, ensemble_id: int, block: int, rows: int) -> Tensor:
+        gen = torch.Generator().manual_seed(_block_seed(self.seed, ensemble_id, block))
+        if self.kind == "normal":
+            return torch.randn(rows, self.proj_dim, generator=gen)
+        bits = torch.randint(0, 2, (rows, self.proj_dim), generator=gen, dtype=torch.int8)
+        return bits.to(torch.float32).mul_(2).sub_(1)
+
+    def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
+        out = torch.zeros(features.shape[0], self.proj_dim, dtype=torch.float32,
+                          device=features.device)
+        for block, start in enumerate(range(0, self.feature_dim, self.block_rows)):
+            stop = min(start + self.block_rows, self.feature_dim)
+            mat = self._block(ensemble_id, block, stop - start).to(features.device)
+            out.addmm_(features[:, start:stop].to(torch.float32), mat)
+        return out.div_(math.sqrt(self.proj_dim)).to(features.dtype)
+
+
+class SparseProjector(Projector):
+    """Sparse JL (count-sketch) projection with ``nnz`` entries ``±1/sqrt(nnz)`` per input row.
+
+    Each input coordinate ``i`` is added, with a random sign, into ``nnz`` output buckets.
+    Inner products are preserved in expectation; the variance falls as ``1/p`` like the dense
+    maps for the dense gradient vectors attribution works on. Work is ``O(n d nnz)``. The
+    bucket/sign tables (``O(d nnz)`` integers, not ``d x p``) are kept per ensemble id.
+    """
+
+    def __init__(self, feature_dim: int, proj_dim: int, seed: int = 0, nnz: int = 4,
+                 block_rows: int = 1 << 20) -> None:
+        super().__init__(feature_dim, proj_dim, seed)
+        if nnz < 1:
+            raise ValueError("SparseProjector needs nnz >= 1.")
+        self.nnz = min(nnz, proj_dim)
+        self.block_rows = block_rows
+        self._tables: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
+
+    def _table(self, ensemble_id: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        key = (ensemble_id, str(device))
+        if key not in self._tables:
+            blocks = []
+            for block, start in enumerate(range(0, self.feature_dim, self.block_rows)):
+                rows = min(self.block_rows, self.feature_dim - start)
+                gen = torch.Generator().manual_seed(_block_seed(self.seed, ensemble_id, block))
+                buckets = torch.randint(0, self.proj_dim, (self.nnz, rows), generator=gen)
+                signs = torch.randint(0, 2, (self.nnz, rows), generator=gen).float() * 2 - 1
+                signs /= math.sqrt(self.nnz)
+                blocks.append((buckets.to(device), signs.to(device)))
+            self._tables[key] = blocks
+        return self._tables[key]
+
+    def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
+        x = features.to(torch.float32)
+        out = torch.zeros(x.shape[0], self.proj_dim, dtype=torch.float32, device=x.device)
+        for (buckets, signs), start in zip(self._table(ensemble_id, x.device),
+                                           range(0, self.feature_dim, self.block_rows),
+                                           strict=True):
+            chunk = x[:, start:start + buckets.shape[1]]
+            for j in range(self.nnz):
+                out.index_add_(1, buckets[j], chunk * signs[j])
+        return out.to(features.dtype)
+
+
+class FastJLProjector(Projector):
+    """The ``fast_jl`` CUDA kernel (Park et al., 2023), scaled by ``1/sqrt(p)``.
+
+    ``proj_dim`` must be a multiple of 512 (a constraint of the kernel).
+    """
+
+    def __init__(self, feature_dim: int, proj_dim: int, seed: int = 0,
+                 kind: str = "rademacher", max_batch_size: int = 32,
+                 device: torch.device | str = "cuda") -> None:
+        super().__init__(feature_dim, proj_dim, seed)
+        if proj_dim % 512:
+            raise ValueError(f"fast_jl needs proj_dim to be a multiple of 512, got {proj_dim}.")
+        if max_batch_size not in (8, 16, 32):
+            raise ValueError("fast_jl max_batch_size must be 8, 16 or 32.")
+        import fast_jl  # optional CUDA extra: imported only when this projector is built
+
+        self._fast_jl = fast_jl
+        self.kind = kind
+        self.max_batch_size = max_batch_size
+        self.num_sms = torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+
+    def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
+        if not features.is_cuda:
+            raise ValueError("fast_jl projects CUDA tensors only; move the features to a GPU or "
+                             "use proj_type='rademacher'/'sparse'.")
+        n = features.shape[0]
+        tile = 8 if n <= 8 else 16 if n <= 16 else 32
+        tile = min(tile, self.max_batch_size)
+        fn = getattr(self._fast_jl, f"project_{self.kind}_{tile}")
+        seed = self.seed + 10_000 * ensemble_id
+        out = fn(features.contiguous(), self.proj_dim, seed, self.num_sms)
+        return (out.to(torch.float32) / math.sqrt(self.proj_dim)).to(features.dtype)
+
+
+def _as_matrix(features: Tensor | Mapping[str, Tensor]) -> Tensor:
+    if isinstance(features, Mapping):
+        first = next(iter(features.values()))
+        features = torch.cat([v.reshape(first.shape[0], -1) for v in features.values()], dim=1)
+    if features.dim() != 2:
+        raise ValueError(f"features must be [n, d]; got shape {tuple(features.shape)}.")
+    return features
+
+
+def _feature_dim(feature: Tensor | Mapping[str, Tensor] | int) -> int:
+    if isinstance(feature, int):
+        return feature
+    return _as_matrix(feature).shape[1]
+
+
+def make_projector(feature_dim: int, proj_dim: int | None, proj_type: str = "auto",
+                   seed: int = 0, device: torch.device | str | None = None,
+                   max_batch_size: int = 32, **kwargs: Any) -> Projector:
+    """Build a projector; ``proj_type="auto"`` picks fast_jl on CUDA when installed and
+    ``proj_dim`` is a multiple of 512, else the dense Rademacher map.
+
+    ``proj_dim=None`` or ``proj_dim >= feature_dim`` with ``proj_type="auto"`` gives the
+    identity.
+    """
+    if proj_type not in _PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {_PROJ_TYPES}, got {proj_type!r}.")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if proj_type == "identity" or proj_dim is None or (
+        proj_type == "auto" and proj_dim >= feature_dim
+    ):
+        return IdentityProjector(feature_dim, seed)
+    if proj_type == "auto":
+        use_fast_jl = device.type == "cuda" and fast_jl_available() and proj_dim % 512 == 0
+        proj_type = "fast_jl" if use_fast_jl else "rademacher"
+    if proj_type == "fast_jl":
+        return FastJLProjector(feature_dim, proj_dim, seed, max_batch_size=max_batch_size,
+                               device=device, **kwargs)
+    if proj_type == "sparse":
+        return SparseProjector(feature_dim, proj_dim, seed, **kwargs)
+    return DenseProjector(feature_dim, proj_dim, seed, kind=proj_type, **kwargs)
+
+
+def random_project(
+    feature: Tensor | Mapping[str, Tensor] | int,
+    feature_batch_size: int | None = None,
+    proj_dim: int = 512,
+    proj_max_batch_size: int = 32,
+    device: torch.device | str | None = None,
+    proj_seed: int = 0,
+    use_half_precision: bool = False,
+    proj_type: str = "auto",
+    **kwargs: Any,
+) -> Callable[..., Tensor]:
+    """A random projector for features shaped like ``feature`` (the paper's ``random_project``).
+
+    Args:
+        feature: an example feature batch ``[n, d]`` (or dict of tensors), or ``d`` itself.
+        feature_batch_size: kept for call compatibility (Demo 3); batches of any size work.
+        proj_dim: output dimension ``p``.
+        proj_max_batch_size: fast_jl kernel tile (8, 16 or 32).
+        device: where projections run; ``"cuda"`` enables fast_jl.
+        proj_seed: seed; with ``ensemble_id`` it fixes the projection.
+        use_half_precision: project in float16 (fast_jl's native precision).
+        proj_type: ``"auto"``, ``"fast_jl"``, ``"normal"``, ``"rademacher"``, ``"sparse"``,
+            ``"identity"``.
+
+    Returns:
+        ``project(features, ensemble_id=0) -> [n, proj_dim]``.
+    """
+    del feature_batch_size
+    projector = make_projector(_feature_dim(feature), proj_dim, proj_type, proj_seed, device,
+                               max_batch_size=proj_max_batch_size, **kwargs)
+
+    def project(features: Tensor | Mapping[str, Tensor], ensemble_id: int = 0) -> Tensor:
+        x = _as_matrix(features)
+        if use_half_precision:
+            x = x.half()
+        return projector(x, ensemble_id=ensemble_id)
+
+    project.projector = projector  # type: ignore[attr-defined]
+    return project
+
+
+class ArnoldiProjector(Projector):
+    r"""Project onto the top Hessian eigenvectors, scaled by :math:`\lambda^{-1/2}`.
+
+    ``P(g) = diag(lambda + reg)^{-1/2} V^T g``, so that ``<P(g), P(g')>`` approximates
+    ``g^T (H + reg I)^{-1} g'`` (the influence-function kernel on the top-``k`` eigenspace).
+    """
+
+    def __init__(self, eigenvalues: Tensor, eigenvectors: Tensor,
+                 regularization: float = 0.0) -> None:
+        super().__init__(eigenvectors.shape[1], eigenvectors.shape[0])
+        scale = (eigenvalues + regularization).abs().clamp_min(1e-12).rsqrt()
+        self.basis = eigenvectors * scale[:, None]
+
+    def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
+        return features.to(self.basis.dtype) @ self.basis.T.to(features.device)
+
+
+def arnoldi_project(
+    feature_dim: int | Tensor,
+    func: Callable[..., Tensor],
+    x: Any,
+    argnums: int = 0,
+    proj_dim: int = 100,
+    max_iter: int = 200,
+    norm_constant: float = 1.0,
+    tol: float = 1e-7,
+    regularization: float = 0.0,
+    mode: str = "rev-fwd",
+    seed: int = 0,
+) -> Callable[..., Tensor]:
+    """A projector onto the top ``proj_dim`` eigenvectors of the Hessian of ``func`` at ``x``.
+
+    This is the paper's Demo 4 building block: swapping it for ``random_project`` in TRAK
+    yields an influence-function-like method on a low-rank Hessian.
+
+    Args:
+        feature_dim: ``d``, or a feature tensor ``[n, d]`` whose last dimension is ``d``.
+        func: scalar function whose Hessian is taken with respect to ``x[argnums]``.
+        x: the argument tuple (or the single parameter tensor).
+        proj_dim: number of eigenvectors kept.
+        max_iter: Arnoldi iterations (at least ``proj_dim``).
+    """
+    from hf_attrib.func.hessian import _flat_objective, _hvp_operator, arnoldi_eigen
+
+    d = feature_dim if isinstance(feature_dim, int) else feature_dim.shape[-1]
+    x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    objective, theta = _flat_objective(func, x, argnums)
+    if theta.numel() != d:
+        raise ValueError(f"feature_dim {d} does not match the parameter size {theta.numel()}.")
+    op = _hvp_operator(objective, theta, mode)
+    evals, evecs = arnoldi_eigen(
+        lambda v: op(v) / norm_constant, d, max_iter=max(max_iter, proj_dim), top_k=proj_dim,
+        tol=tol, seed=seed, dtype=theta.dtype, device=theta.device,
+    )
+    projector = ArnoldiProjector(evals * norm_constant, evecs, regularization)
+
+    def project(features: Tensor | Mapping[str, Tensor], ensemble_id: int = 0) -> Tensor:
+        return projector(features, ensemble_id)
+
+    project.projector = projector  # type: ignore[attr-defined]
+    return project
