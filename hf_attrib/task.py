@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ from hf_attrib.func.utils import flatten_params, per_sample_grad, unflatten_para
 
 __all__ = ["AttributionTask", "CheckpointFunctions", "load_state_dict_file"]
 
-Checkpoint = Union[Mapping[str, Tensor], str, os.PathLike]
+Checkpoint = Mapping[str, Tensor] | str | os.PathLike
 LossFunc = Callable[[dict[str, Tensor], Any], Tensor]
 
 
@@ -107,6 +107,20 @@ def _check_state_dict(model: nn.Module, state: Mapping[str, Tensor], label: str)
             + ". Pass checkpoints saved from this architecture, or a checkpoints_load_func "
             "that maps them onto it."
         )
+
+
+def _use_eager_attention(model: nn.Module) -> None:
+    """Switch a ``transformers`` model to the eager attention implementation.
+
+    The fused SDPA/flash kernels have no ``vmap`` batching rule and no double backward on CPU,
+    so per-example gradients through them run a slow fallback and HVPs fail; eager attention
+    computes the same function with plain matmuls that ``torch.func`` transforms natively.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+        return
+    model.set_attn_implementation("eager")
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +213,7 @@ class AttributionTask:
         # with chosen dropout layers re-enabled, and is left as it is.
         if model.training:
             model.eval()
+        _use_eager_attention(model)
         self.model = model
         self.loss_func = _scalar(loss_func, "loss_func")
         self.target_is_loss = target_func is None or target_func is loss_func

@@ -103,6 +103,169 @@ class BaseAttributor(ABC):
     # -- public API ------------------------------------------------------------------------
     @abstractmethod
     def cache(self, train_loader: DataLoader) -> None:
+        """Pre-compute what depends only on the training data (Hessians, kernels, features)."""
+
+    @abstractmethod
+    def attribute(self, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
+        """Scores ``[n_train, n_test]``: how much each training example raises the target."""
+
+    @abstractmethod
+    def self_attribute(self, train_loader: DataLoader) -> Tensor:
+        """Self-influence ``[n_train]``: each training example's score on its own target."""
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _batches(self, loader: DataLoader, role: str, desc: str | None = None
+                 ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(offset, batch_on_device)`` in loader order."""
+        check_loader(loader, role)
+        offset = 0
+        bar = tqdm(loader, desc=desc or role, disable=not self.progress, leave=False)
+        for batch in bar:
+            size = batch_size_of(batch)
+            yield offset, to_device(batch, self.device)
+            offset += size
+        if offset == 0:
+            raise ValueError(f"the {role} loader yielded no examples.")
+
+    def _chunk(self, dim: int) -> int:
+        if self.grad_chunk_size is not None:
+            return self.grad_chunk_size
+        return max(1, _GRAD_CHUNK_BYTES // (4 * max(dim, 1)))
+
+
+def _check_finite(grads: Tensor, offset: int, role: str, ckpt: int) -> None:
+    bad = ~torch.isfinite(grads).all(dim=1)
+    if bool(bad.any()):
+        first = offset + int(bad.nonzero()[0, 0])
+        raise FloatingPointError(
+            f"non-finite (NaN/inf) gradient for {role} example {first} (its position in the "
+            f"{role} loader), checkpoint {ckpt}; {int(bad.sum())} example(s) in that batch are "
+            "affected. Check the loss on that example (log of zero, overflow) and the "
+            "checkpoint's weights."
+        )
+
+
+def _slice_batch(batch: Any, start: int, stop: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _slice_batch(v, start, stop) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_slice_batch(v, start, stop) for v in batch)
+    return batch
+
+
+class FeatureAttributor(BaseAttributor):
+    """Attributors whose score is an inner product of per-checkpoint features (see module).
+
+    Subclasses set ``train_kind``/``test_kind`` (``"loss"`` or ``"target"``: which gradient
+    each side uses) and may override ``_prepare``, ``_transform_test``, ``_weight``,
+    ``_row_factor`` and ``_gradient_transform``.
+
+    Args:
+        projector_kwargs: random projection of the gradients (``proj_dim``, ``proj_type``,
+            ``proj_seed``, ...), or ``None`` for none. The projection of checkpoint ``c`` uses
+            ``ensemble_id=c``.
+        max_cache_bytes: keep the training features in memory when they fit in this many bytes;
+            otherwise they are recomputed when needed.
+    """
+
+    train_kind = "loss"
+    test_kind = "target"
+
+    def __init__(
+        self,
+        task: AttributionTask,
+        layer_name: str | Sequence[str] | None = None,
+        device: torch.device | str = "cpu",
+        projector_kwargs: dict[str, Any] | None = None,
+        grad_chunk_size: int | None = None,
+        max_cache_bytes: int = 4 * 2**30,
+        progress: bool = False,
+    ) -> None:
+        super().__init__(task, layer_name, device, grad_chunk_size, progress)
+        self.projector_kwargs = dict(projector_kwargs) if projector_kwargs else None
+        self.max_cache_bytes = max_cache_bytes
+        self._projectors: dict[int, Projector] = {}
+        self._cache_loader: DataLoader | None = None
+        self._hessian_loader: DataLoader | None = None
+        self._train_cache: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._states: dict[int, Any] = {}
+        self._n_cache: int = 0
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _gradient_transform(self, grads: Tensor) -> Tensor:
+        """Applied to raw gradients before projection (e.g. normalisation for Grad-Cos)."""
+        return grads
+
+    def _prepare(self, fns: CheckpointFunctions, loader: DataLoader,
+                 features: Tensor | None) -> Any:
+        """Per-checkpoint state built in ``cache`` (Hessian operator, kernel inverse...)."""
+        return None
+
+    def _transform_test(self, fns: CheckpointFunctions, state: Any, feats: Tensor) -> Tensor:
+        """Map test features ``[m, p]`` through the checkpoint's transform."""
+        return feats
+
+    def _weight(self, fns: CheckpointFunctions) -> float:
+        """Weight ``w_c`` of checkpoint ``c`` in the sum."""
+        return 1.0 / self.task.num_checkpoints
+
+    def _row_factor(self, fns: CheckpointFunctions, batch: Any) -> Tensor | None:
+        """Optional per-training-example factor ``[B]`` (averaged over checkpoints)."""
+        return None
+
+    # -- features ----------------------------------------------------------------------------
+    def _projector(self, fns: CheckpointFunctions) -> Projector:
+        if fns.index not in self._projectors:
+            kwargs = dict(self.projector_kwargs or {})
+            proj_dim = kwargs.pop("proj_dim", None)
+            proj_type = kwargs.pop("proj_type", "auto" if proj_dim else "identity")
+            seed = kwargs.pop("proj_seed", 0)
+            kwargs.pop("device", None)
+            self._projectors[fns.index] = make_projector(
+                fns.dim, proj_dim, proj_type, seed, self.device, **kwargs
+            )
+        return self._projectors[fns.index]
+
+    def _features(self, fns: CheckpointFunctions, batch: Any, kind: str, offset: int,
+                  role: str) -> Tensor:
+        """Projected per-example gradients ``[B, p]``, computed chunk by chunk."""
+        grad_fn = fns.loss_grads if kind == "loss" else fns.target_grads
+        projector = self._projector(fns)
+        size = batch_size_of(batch)
+        chunk = self._chunk(fns.dim)
+        out = []
+        for start in range(0, size, chunk):
+            grads = grad_fn(_slice_batch(batch, start, start + chunk))
+            _check_finite(grads, offset + start, role, fns.index)
+            out.append(projector(self._gradient_transform(grads), ensemble_id=fns.index))
+        return torch.cat(out)
+
+    def _train_blocks(self, fns: CheckpointFunctions, loader: DataLoader
+                      ) -> Iterator[tuple[int, Tensor, Tensor | None, Any]]:
+        """``(offset, features, row_factor, batch)`` for the training loader, from the cache
+        when ``loader`` is the cached one (``batch`` is then ``None``)."""
+        if loader is self._cache_loader and fns.index in self._train_cache:
+            feats, factors = self._train_cache[fns.index]
+            step = 4096
+            for start in range(0, feats.shape[0], step):
+                rows = slice(start, start + step)
+                yield start, feats[rows], None if factors is None else factors[rows], None
+            return
+        for offset, batch in self._batches(loader, "train", f"train features (ckpt {fns.index})"):
+            feats = self._features(fns, batch, self.train_kind, offset, "train")
+            yield offset, feats, self._row_factor(fns, batch), batch
+
+    def _test_features(self, fns: CheckpointFunctions, loader: DataLoader) -> Tensor:
+        blocks = [
+            self._features(fns, batch, self.test_kind, offset, "test")
+            for offset, batch in self._batches(loader, "test", f"test features (ckpt {fns.index})")
+        ]
+        return torch.cat(blocks)
+
+    # -- public API --------------------------------------------------------------------------
+    def cache(self, train_loader: DataLoader) -> None:
         """Compute (and keep, memory permitting) training features and per-checkpoint state.
 
         The loader given here also defines the training set for Hessians and kernels; later

@@ -12,7 +12,7 @@ term, :math:`\alpha_{jc}\,h_j^\top h`: how much :math:`x_j` raises the class-:ma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch

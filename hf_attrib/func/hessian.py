@@ -122,7 +122,10 @@ def _regularized(matvec: MatVec, regularization: float) -> MatVec:
 # HVP
 # --------------------------------------------------------------------------------------------
 def hvp(
-    func: Callable[..., Tensor], argnums: int = 0, mode: str = "rev-rev", regularization: float = 0.0
+    func: Callable[..., Tensor],
+    argnums: int = 0,
+    mode: str = "rev-rev",
+    regularization: float = 0.0,
 ) -> Callable[[Sequence[Any], Tensor], Tensor]:
     """Hessian-vector product of ``func`` with respect to argument ``argnums``.
 

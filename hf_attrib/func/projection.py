@@ -46,6 +46,9 @@ _PROJ_TYPES = ("auto", "fast_jl", "normal", "rademacher", "sparse", "identity")
 # Rows of the implicit d x p matrix generated per block: bounds the projector's working memory
 # to block_rows * p floats whatever d is.
 _DEFAULT_BLOCK_ROWS = 16_384
+# Rows of the dense map drawn from one seeded generator: fixed, so that the map is a function of
+# (seed, ensemble_id) alone and block_rows only bounds memory.
+_SEED_ROWS = 1024
 
 
 def fast_jl_available() -> bool:
@@ -95,8 +98,9 @@ class DenseProjector(Projector):
     """Dense Gaussian (``"normal"``) or Rademacher JL projection, generated block by block.
 
     ``P[i, :]`` for input coordinate ``i`` comes from a generator seeded by
-    ``(seed, ensemble_id, i // block_rows)`` on the CPU, so results do not depend on the device
-    or on how the input is batched.
+    ``(seed, ensemble_id, i // _SEED_ROWS)`` on the CPU, so results do not depend on the device,
+    on how the input is batched, or on ``block_rows`` (rows of ``P`` held per matmul; a
+    multiple of ``_SEED_ROWS`` avoids drawing rows twice).
     """
 
     def __init__(self, feature_dim: int, proj_dim: int, seed: int = 0, kind: str = "normal",
@@ -114,12 +118,21 @@ class DenseProjector(Projector):
         bits = torch.randint(0, 2, (rows, self.proj_dim), generator=gen, dtype=torch.int8)
         return bits.to(torch.float32).mul_(2).sub_(1)
 
+    def _rows(self, ensemble_id: int, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of the unscaled ``d x p`` map, from fixed ``_SEED_ROWS`` units."""
+        parts = []
+        for unit in range(start // _SEED_ROWS, (stop - 1) // _SEED_ROWS + 1):
+            lo = unit * _SEED_ROWS
+            mat = self._block(ensemble_id, unit, min(_SEED_ROWS, self.feature_dim - lo))
+            parts.append(mat[max(start - lo, 0):stop - lo])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
         out = torch.zeros(features.shape[0], self.proj_dim, dtype=torch.float32,
                           device=features.device)
-        for block, start in enumerate(range(0, self.feature_dim, self.block_rows)):
+        for start in range(0, self.feature_dim, self.block_rows):
             stop = min(start + self.block_rows, self.feature_dim)
-            mat = self._block(ensemble_id, block, stop - start).to(features.device)
+            mat = self._rows(ensemble_id, start, stop).to(features.device)
             out.addmm_(features[:, start:stop].to(torch.float32), mat)
         return out.div_(math.sqrt(self.proj_dim)).to(features.dtype)
 
@@ -220,8 +233,12 @@ def _feature_dim(feature: Tensor | Mapping[str, Tensor] | int) -> int:
 def make_projector(feature_dim: int, proj_dim: int | None, proj_type: str = "auto",
                    seed: int = 0, device: torch.device | str | None = None,
                    max_batch_size: int = 32, **kwargs: Any) -> Projector:
-    """Build a projector; ``proj_type="auto"`` picks fast_jl on CUDA when installed and
-    ``proj_dim`` is a multiple of 512, else the dense Rademacher map.
+    """Build a projector.
+
+    ``proj_type="auto"`` picks fast_jl on CUDA when it is installed and ``proj_dim`` is a
+    multiple of 512, the dense Gaussian map on other CUDA set-ups (random numbers are cheap
+    there), and the sparse JL map on CPU, where generating a dense ``d x p`` map block by block
+    costs ~20x more than the count-sketch (``recipes/speed/bench_projection.py``).
 
     ``proj_dim=None`` or ``proj_dim >= feature_dim`` with ``proj_type="auto"`` gives the
     identity.
@@ -234,8 +251,11 @@ def make_projector(feature_dim: int, proj_dim: int | None, proj_type: str = "aut
     ):
         return IdentityProjector(feature_dim, seed)
     if proj_type == "auto":
-        use_fast_jl = device.type == "cuda" and fast_jl_available() and proj_dim % 512 == 0
-        proj_type = "fast_jl" if use_fast_jl else "rademacher"
+        if device.type == "cuda":
+            use_fast_jl = fast_jl_available() and proj_dim % 512 == 0
+            proj_type = "fast_jl" if use_fast_jl else "normal"
+        else:
+            proj_type = "sparse"
     if proj_type == "fast_jl":
         return FastJLProjector(feature_dim, proj_dim, seed, max_batch_size=max_batch_size,
                                device=device, **kwargs)
