@@ -1,0 +1,1 @@
+"""Benchmark settings: models, data, ground truth and the runner."""

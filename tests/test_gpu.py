@@ -1,0 +1,91 @@
+"""The same attributors on CUDA: scores equal the CPU ones (run with ``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hf_attrib.algorithm import (
+    GradCosAttributor,
+    IFAttributorArnoldi,
+    IFAttributorCG,
+    IFAttributorExplicit,
+    IFAttributorLiSSA,
+    RPSAttributor,
+    TracInAttributor,
+    TRAKAttributor,
+)
+from hf_attrib.func.projection import fast_jl_available
+from hf_attrib.task import AttributionTask
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _task():
+    torch.manual_seed(0)
+    model = _Net().eval()
+
+    def loss(params, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, x), y)
+
+    train = DataLoader(TensorDataset(torch.randn(30, 6), torch.randint(0, 3, (30,))),
+                       batch_size=8)
+    test = DataLoader(TensorDataset(torch.randn(6, 6), torch.randint(0, 3, (6,))), batch_size=3)
+    return model, loss, train, test
+
+
+CASES = [
+    (IFAttributorExplicit, dict(regularization=0.1)),
+    (IFAttributorCG, dict(regularization=0.1, max_iter=30)),
+    (IFAttributorLiSSA, dict(batch_size=30, recursion_depth=100, damping=0.02, scaling=5.0)),
+    (IFAttributorArnoldi, dict(proj_dim=20, max_iter=40, regularization=0.1)),
+    (TracInAttributor, dict()),
+    (GradCosAttributor, dict()),
+    (TRAKAttributor, dict(projector_kwargs={"proj_type": "identity"}, regularization=0.1)),
+    (RPSAttributor, dict(final_linear_layer_name="head", l2_strength=0.01)),
+]
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), CASES, ids=lambda c: getattr(c, "__name__", ""))
+def test_cuda_scores_equal_cpu_scores(cls, kwargs):
+    results = {}
+    for device in ("cpu", "cuda"):
+        model, loss, train, test = _task()
+        task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+        attributor = cls(task=task, device=device, **kwargs)
+        attributor.cache(train)
+        results[device] = (attributor.attribute(train, test).cpu(),
+                           attributor.self_attribute(train).cpu())
+    scale = results["cpu"][0].abs().max().item()
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-3,
+                               atol=1e-4 * scale)
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-3,
+                               atol=1e-4 * results["cpu"][1].abs().max().item())
+
+
+@pytest.mark.skipif(not fast_jl_available(), reason="needs the fast_jl extra")
+def test_trak_uses_fast_jl_on_cuda_and_is_deterministic():
+    model, loss, train, test = _task()
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    runs = []
+    for _ in range(2):
+        attributor = TRAKAttributor(task=task, device="cuda", projector_kwargs={"proj_dim": 512})
+        runs.append(attributor.attribute(train, test))
+        assert type(attributor._projectors[0]).__name__ == "FastJLProjector"
+    torch.testing.assert_close(runs[0], runs[1])
