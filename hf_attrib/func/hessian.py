@@ -473,15 +473,20 @@ def ihvp_arnoldi(
     mode: str = "rev-fwd",
     regularization: float = 0.0,
     top_k: int | None = None,
+    norm_constant: float = 1.0,
     seed: int = 0,
 ) -> Callable[[Sequence[Any], Tensor], Tensor]:
-    """IHVP from the Hessian's top eigenpairs: ``V diag(1/(lambda + reg)) V^T v``."""
+    """IHVP from the Hessian's top eigenpairs: ``V diag(1/(lambda + reg)) V^T v``.
+
+    A Krylov method finds one direction per distinct eigenvalue: for a Hessian with a repeated
+    eigenvalue, the other directions of that eigenspace are missed even with ``max_iter >= d``.
+    """
     _check_mode(mode)
 
     def ihvp_func(x: Sequence[Any], v: Tensor) -> Tensor:
         return ihvp_at_x_arnoldi(
             func, *x, argnums=argnums, max_iter=max_iter, tol=tol, mode=mode,
-            regularization=regularization, top_k=top_k, seed=seed,
+            regularization=regularization, top_k=top_k, norm_constant=norm_constant, seed=seed,
         )(v)
 
     return ihvp_func

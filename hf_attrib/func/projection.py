@@ -146,13 +146,15 @@ class SparseProjector(Projector):
     bucket/sign tables (``O(d nnz)`` integers, not ``d x p``) are kept per ensemble id.
     """
 
-    def __init__(self, feature_dim: int, proj_dim: int, seed: int = 0, nnz: int = 4,
-                 block_rows: int = 1 << 20) -> None:
+    # Rows of the bucket/sign tables drawn from one seeded generator: a constant, so the map
+    # depends on (seed, ensemble_id) only.
+    block_rows = 1 << 20
+
+    def __init__(self, feature_dim: int, proj_dim: int, seed: int = 0, nnz: int = 4) -> None:
         super().__init__(feature_dim, proj_dim, seed)
         if nnz < 1:
             raise ValueError("SparseProjector needs nnz >= 1.")
         self.nnz = min(nnz, proj_dim)
-        self.block_rows = block_rows
         self._tables: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
 
     def _table(self, ensemble_id: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
