@@ -1,0 +1,176 @@
+"""The benchmark settings of the paper (Table 3, Appendix C) plus offline digits settings.
+
+A setting fixes everything that makes a benchmark number comparable: the model architecture,
+the data and its seeded train/test sample, the training recipe, the target function and the
+metrics it is evaluated with. ``get_setting("digits-lr")`` returns one; ``SETTINGS`` lists all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SETTINGS", "BenchmarkSetting", "TrainConfig", "get_setting"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the benchmark's models are trained (Appendix C).
+
+    Attributes:
+        optimizer: ``"sgd"`` or ``"adam"``.
+        lr: learning rate.
+        momentum: SGD momentum.
+        betas: Adam betas.
+        weight_decay: L2 penalty (PyTorch optimizer semantics).
+        batch_size: mini-batch size.
+        epochs: passes over the training subset.
+    """
+
+    optimizer: str
+    lr: float
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 20
+
+
+@dataclass(frozen=True)
+class BenchmarkSetting:
+    """One benchmark setting.
+
+    Attributes:
+        name: registry key, e.g. ``"mnist_lr"``.
+        kind: ``"classification"`` (target: the margin ``log p/(1-p)`` of the true class) or
+            ``"generation"`` (target: the log-likelihood of the test sequence/event).
+        model: model family (``"logistic_regression"``, ``"mlp"``, ``"resnet9"``,
+            ``"music_transformer"``, ``"nanogpt"``).
+        model_kwargs: configuration arguments of the model.
+        dataset: data source (``"digits"``, ``"mnist"``, ``"cifar2"``, ``"cifar10"``,
+            ``"maestro"``, ``"shakespeare"``).
+        n_train: training examples sampled for the benchmark.
+        n_test: test examples sampled (generated samples for generative settings).
+        train: the training recipe.
+        metrics: metrics the paper evaluates on this setting (``"loo"``, ``"lds"``, ``"auc"``).
+        noisy_fraction: fraction of training labels flipped for the noisy-label (AUC) variant.
+        lds_models: models trained on random half subsets (the first half serve ensembling
+            methods, the second half are the LDS ground truth).
+        lds_fraction: subset size as a fraction of ``n_train``.
+        seed: seed of the data sample, subsets and label noise.
+        offline: whether the data ships with an installed package (runs without a network).
+        description: one line for ``hf-attrib bench list``.
+        license: data license (Appendix C).
+    """
+
+    name: str
+    kind: str
+    model: str
+    model_kwargs: dict[str, Any]
+    dataset: str
+    n_train: int
+    n_test: int
+    train: TrainConfig
+    metrics: tuple[str, ...]
+    description: str
+    license: str
+    noisy_fraction: float = 0.1
+    lds_models: int = 100
+    lds_fraction: float = 0.5
+    seed: int = 0
+    offline: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ensemble_model_ids(self) -> range:
+        """LDS models used by methods that ensemble (the first half)."""
+        return range(self.lds_models // 2)
+
+    @property
+    def ground_truth_model_ids(self) -> range:
+        """LDS models that form the ground truth (the second half)."""
+        return range(self.lds_models // 2, self.lds_models)
+
+
+_MNIST_SGD = dict(optimizer="sgd", lr=0.01, momentum=0.9, batch_size=64)
+_SETTINGS = [
+    BenchmarkSetting(
+        name="mnist_lr", kind="classification", model="logistic_regression",
+        model_kwargs=dict(input_dim=784, num_labels=10), dataset="mnist",
+        n_train=5000, n_test=500, train=TrainConfig(**_MNIST_SGD, epochs=20),
+        metrics=("loo", "lds", "auc"), license="cc-by-sa-3.0",
+        description="Logistic regression on MNIST-10 (7,840 parameters)",
+    ),
+    BenchmarkSetting(
+        name="mnist_mlp", kind="classification", model="mlp",
+        model_kwargs=dict(input_dim=784, hidden_sizes=(128, 64), num_labels=10, dropout=0.1),
+        dataset="mnist", n_train=5000, n_test=500, train=TrainConfig(**_MNIST_SGD, epochs=50),
+        metrics=("loo", "lds", "auc"), license="cc-by-sa-3.0",
+        description="3-layer MLP (128, 64; dropout 0.1) on MNIST-10 (0.11M parameters)",
+    ),
+    BenchmarkSetting(
+        name="cifar2_resnet9", kind="classification", model="resnet9",
+        model_kwargs=dict(num_channels=3, num_labels=2, dropout=0.1), dataset="cifar2",
+        n_train=5000, n_test=500, train=TrainConfig(**_MNIST_SGD, epochs=50),
+        metrics=("lds",), license="cc-by-4.0",
+        description="ResNet-9 on CIFAR-2 (cat vs dog)",
+    ),
+    BenchmarkSetting(
+        name="cifar10_resnet9", kind="classification", model="resnet9",
+        model_kwargs=dict(num_channels=3, num_labels=10, dropout=0.1), dataset="cifar10",
+        n_train=5000, n_test=500, train=TrainConfig(**_MNIST_SGD, epochs=50),
+        metrics=("auc",), license="cc-by-4.0",
+        description="ResNet-9 on CIFAR-10 (noisy-label detection)",
+    ),
+    BenchmarkSetting(
+        name="maestro_musictransformer", kind="generation", model="music_transformer",
+        model_kwargs=dict(num_layers=6, num_heads=8, d_model=512, dim_feedforward=1024,
+                          vocab_size=388),
+        dataset="maestro", n_train=5000, n_test=178,
+        train=TrainConfig(optimizer="adam", lr=1e-4, betas=(0.9, 0.98), batch_size=64,
+                          epochs=20),
+        metrics=("lds",), license="cc-by-nc-sa-4.0",
+        description="Music Transformer on MAESTRO v2.0.0 (388-event vocabulary)",
+    ),
+    BenchmarkSetting(
+        name="shakespeare_nanogpt", kind="generation", model="nanogpt",
+        model_kwargs=dict(n_layer=6, n_head=6, n_embd=384, block_size=256), dataset="shakespeare",
+        n_train=3921, n_test=435,
+        # Appendix C: "train the model for 5000" steps, nanoGPT's shakespeare_char default.
+        train=TrainConfig(optimizer="adam", lr=1e-3, betas=(0.9, 0.99), batch_size=32,
+                          epochs=1),
+        metrics=("lds",), license="public-domain",
+        description="NanoGPT on Tiny Shakespeare, character level, blocks of 256",
+        extra=dict(max_steps=5000),
+    ),
+    BenchmarkSetting(
+        name="digits_lr", kind="classification", model="logistic_regression",
+        model_kwargs=dict(input_dim=64, num_labels=10), dataset="digits",
+        n_train=1000, n_test=200, train=TrainConfig(**_MNIST_SGD, epochs=20),
+        metrics=("loo", "lds", "auc"), license="bsd-3-clause", offline=True,
+        description="Logistic regression on scikit-learn's 8x8 digits (offline MNIST stand-in)",
+    ),
+    BenchmarkSetting(
+        name="digits_mlp", kind="classification", model="mlp",
+        model_kwargs=dict(input_dim=64, hidden_sizes=(128, 64), num_labels=10, dropout=0.1),
+        dataset="digits", n_train=1000, n_test=200, train=TrainConfig(**_MNIST_SGD, epochs=50),
+        metrics=("loo", "lds", "auc"), license="bsd-3-clause", offline=True,
+        description="3-layer MLP on scikit-learn's 8x8 digits (offline MNIST stand-in)",
+    ),
+]
+
+SETTINGS: dict[str, BenchmarkSetting] = {s.name: s for s in _SETTINGS}
+
+
+def get_setting(name: str) -> BenchmarkSetting:
+    """Look a setting up by name; ``digits-lr`` and ``digits_lr`` are the same.
+
+    Raises:
+        KeyError: naming the known settings.
+    """
+    key = name.strip().lower().replace("-", "_")
+    if key not in SETTINGS:
+        known = ", ".join(n.replace("_", "-") for n in SETTINGS)
+        raise KeyError(f"unknown benchmark setting {name!r}; known settings: {known} "
+                       "(see `hf-attrib bench list`).")
+    return SETTINGS[key]

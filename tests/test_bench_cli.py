@@ -1,0 +1,78 @@
+"""The ``hf-attrib bench`` command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_attrib.benchmark.data import build_data, flip_labels
+from hf_attrib.benchmark.settings import SETTINGS, get_setting
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_attrib.cli", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_bench_list_names_every_setting():
+    result = _cli("bench", "list")
+    assert result.returncode == 0
+    for name in SETTINGS:
+        assert name.replace("_", "-") in result.stdout
+
+
+def test_unknown_setting_and_method_are_clear_errors():
+    result = _cli("bench", "run", "mnist-transformer")
+    assert result.returncode == 2
+    assert "unknown benchmark setting 'mnist-transformer'" in result.stderr
+    assert "digits-lr" in result.stderr
+    result = _cli("bench", "run", "digits-lr", "--methods", "if-magic")
+    assert result.returncode == 2 and "unknown method(s) ['if-magic']" in result.stderr
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_data(get_setting("mnist-lr"), data_dir=tmp_path / "missing")
+
+
+def test_digits_sample_is_seeded_and_noisy_labels_flip_ten_percent():
+    setting = get_setting("digits-lr")
+    a, b = build_data(setting), build_data(setting)
+    assert a.train["label"][:] == b.train["label"][:]
+    assert len(a.train) == setting.n_train and len(a.test) == setting.n_test
+    assert len(a.noisy_indices) == setting.n_train // 10
+    clean, noisy = a.train["label"][:], a.noisy_train["label"][:]
+    changed = {i for i, (c, n) in enumerate(zip(clean, noisy)) if c != n}
+    assert changed == set(a.noisy_indices.tolist())
+
+
+def test_flip_labels_never_keeps_the_class():
+    import torch
+
+    labels = torch.arange(100) % 10
+    noisy, flipped = flip_labels(labels, 0.3, 10, seed=1)
+    assert len(flipped) == 30 and (noisy[flipped] != labels[flipped]).all()
+
+
+@pytest.mark.slow
+def test_bench_run_smoke_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = _cli("bench", "run", "digits-lr", "--smoke", "--no-progress", "--out", str(out),
+                  "--methods", "if-explicit,grad-dot,trak-10,rps")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["methods"]] == ["if-explicit", "grad-dot", "trak-10",
+                                                          "rps"]
+    for row in results["methods"]:
+        assert "error" not in row, row
+        assert {"lds", "loo", "auc", "seconds", "peak_rss_mb"} <= row.keys()
+    assert "| if-explicit |" in (out / "results.md").read_text()
+    # A second run reuses the ground truth on disk instead of retraining it.
+    blocks = sorted((out / "ground_truth" / "lds").glob("*.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in blocks]
+    assert _cli("bench", "run", "digits-lr", "--smoke", "--no-progress", "--out", str(out),
+                "--methods", "grad-dot").returncode == 0
+    assert [p.stat().st_mtime_ns for p in blocks] == mtimes
