@@ -1,4 +1,4 @@
-"""Tests of hf_attrib.model_utils.retrain (stacked retraining and the resumable driver)."""
+"""Tests of hf_attrib.model_utils.retraining (stacked retraining and the resumable driver)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-import hf_attrib.model_utils.retrain as rt
-from hf_attrib.model_utils.retrain import (
+import hf_attrib.model_utils.retraining as rt
+from hf_attrib.model_utils.retraining import (
     RetrainBuild,
     batch_orders,
     evaluate_stacked,

@@ -3,7 +3,7 @@
 For a classification setting the runner
 
 1. builds the seeded benchmark sample (and its noisy-label variant where AUC applies);
-2. builds, or resumes, the ground truth with stacked training (``hf_attrib.model_utils.retrain``):
+2. builds, or resumes, the ground truth with stacked training (``hf_attrib.model_utils.retraining``):
    ``lds_models`` models on random half subsets (the first half serve ensembling methods, the
    second half are the LDS ground truth) and, where LOO applies, one model per left-out
    example plus the full-data model they share their random stream with;
@@ -48,7 +48,7 @@ from hf_attrib.benchmark.models import (
 )
 from hf_attrib.benchmark.settings import BenchmarkSetting, get_setting
 from hf_attrib.metrics import lds, loo_corr, mislabel_detection_auc
-from hf_attrib.model_utils.retrain import (
+from hf_attrib.model_utils.retraining import (
     evaluate_stacked,
     lds_subsets,
     load_stacked,

@@ -1,7 +1,7 @@
 """Model-level helpers: dropout ensembles and many-model (re)training for ground truth."""
 
 from hf_attrib.model_utils.dropout import activate_dropout, dropout_modules
-from hf_attrib.model_utils.retrain import (
+from hf_attrib.model_utils.retraining import (
     RetrainBuild,
     RetrainResult,
     batch_orders,
