@@ -1,6 +1,7 @@
 """The ``hf-attrib`` command.
 
     hf-attrib bench list
+    hf-attrib bench ground-truth digits-lr --kind lds|loo [--models a:b] [--shard i/n]
     hf-attrib bench run digits-lr [--methods if-cg,trak-10] [--out DIR] [--device cpu] [--smoke]
 """
 
@@ -33,9 +34,38 @@ def _bench_run(args: argparse.Namespace) -> int:
     out = args.out or f"bench-out/{setting.name}"
     results = run_benchmark(setting, methods=methods, out_dir=out, device=args.device,
                             smoke=args.smoke, data_dir=args.data_dir,
-                            loo_examples=args.loo_examples, progress=not args.no_progress)
+                            loo_examples=args.loo_examples, search=args.search,
+                            progress=not args.no_progress)
     print(results_markdown(results))
     print(f"results written to {out}/results.json and {out}/results.md")
+    return 0
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}.") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text}: need 0 <= i < n.")
+    return index, count
+
+
+def _bench_ground_truth(args: argparse.Namespace) -> int:
+    from hf_attrib.benchmark.runner import build_ground_truth, prepare
+
+    prep = prepare(args.setting, args.data_dir, smoke=args.smoke)
+    if args.block_size:
+        prep.block_size = args.block_size
+    out = args.out or f"bench-out/{prep.setting.name}"
+    results = build_ground_truth(prep, f"{out}/ground_truth", args.kind, models=args.models,
+                                 shard=_parse_shard(args.shard),
+                                 loo_examples=args.loo_examples, progress=not args.no_progress)
+    for result in results.values() if isinstance(results, dict) else [results]:
+        print(f"{result.kind}: trained blocks {result.trained}, already on disk "
+              f"{result.skipped} ({result.directory})")
     return 0
 
 
@@ -47,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmds = bench.add_subparsers(dest="bench_command", required=True)
     bench_cmds.add_parser("list", help="list the benchmark settings").set_defaults(
         func=_bench_list)
+    gt = bench_cmds.add_parser("ground-truth", help="train (or resume) ground-truth models")
+    gt.add_argument("setting")
+    gt.add_argument("--kind", choices=("lds", "loo"), default="lds")
+    gt.add_argument("--models", help="model ids a:b (only the blocks covering them)")
+    gt.add_argument("--shard", help="i/n: take every n-th block starting at block i")
+    gt.add_argument("--out", help="output folder (default: bench-out/SETTING)")
+    gt.add_argument("--data-dir", help="local copy of the source data")
+    gt.add_argument("--loo-examples", type=int, help="leave out only the first N examples")
+    gt.add_argument("--block-size", type=int,
+                    help="models trained (and saved) together; default: fit ~64 MB")
+    gt.add_argument("--smoke", action="store_true", help="tiny sizes (pipeline check)")
+    gt.add_argument("--no-progress", action="store_true")
+    gt.set_defaults(func=_bench_ground_truth)
     run = bench_cmds.add_parser("run", help="build ground truth, run methods, print results")
     run.add_argument("setting", help="setting name, e.g. digits-lr (see `bench list`)")
     run.add_argument("--methods", help="comma-separated methods (default: all)")
@@ -55,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline")
     run.add_argument("--data-dir", help="local copy of the source data")
     run.add_argument("--loo-examples", type=int, help="leave out only the first N examples")
+    run.add_argument("--search", action="store_true",
+                     help="hyperparameter search of the paper's Appendix C.1; best per metric")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_bench_run)
     return parser

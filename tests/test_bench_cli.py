@@ -76,3 +76,40 @@ def test_bench_run_smoke_end_to_end(tmp_path):
     assert _cli("bench", "run", "digits-lr", "--smoke", "--no-progress", "--out", str(out),
                 "--methods", "grad-dot").returncode == 0
     assert [p.stat().st_mtime_ns for p in blocks] == mtimes
+
+
+@pytest.mark.slow
+def test_killed_ground_truth_build_resumes_to_the_same_result(tmp_path):
+    """SIGKILL a build midway; the rerun trains only what is missing and ends identical."""
+    import ast
+    import signal
+    import time
+
+    import torch
+
+    from hf_attrib.model_utils import load_stacked
+
+    args = ["bench", "ground-truth", "digits-lr", "--kind", "lds", "--smoke", "--no-progress",
+            "--block-size", "1"]
+    killed = tmp_path / "killed"
+    blocks = killed / "ground_truth" / "lds"
+    proc = subprocess.Popen([sys.executable, "-m", "hf_attrib.cli", *args, "--out", str(killed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(list(blocks.glob("block-*.safetensors"))) < 2 and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in blocks.glob("block-*.safetensors"))
+    assert 2 <= len(done) < 8, done  # smoke: 8 models, one per block
+    rerun = _cli(*args, "--out", str(killed))
+    assert rerun.returncode == 0, rerun.stderr
+    trained = rerun.stdout.split("trained blocks ")[1].split("]")[0] + "]"
+    assert len(ast.literal_eval(trained)) == 8 - len(done)  # only the missing blocks
+    reference = tmp_path / "reference"
+    assert _cli(*args, "--out", str(reference)).returncode == 0
+    got, _ = load_stacked(killed / "ground_truth", "lds")
+    want, _ = load_stacked(reference / "ground_truth", "lds")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -3,7 +3,8 @@
 For a classification setting the runner
 
 1. builds the seeded benchmark sample (and its noisy-label variant where AUC applies);
-2. builds, or resumes, the ground truth with stacked training (``hf_attrib.model_utils.retraining``):
+2. builds, or resumes, the ground truth with stacked training
+   (``hf_attrib.model_utils.retraining``):
    ``lds_models`` models on random half subsets (the first half serve ensembling methods, the
    second half are the LDS ground truth) and, where LOO applies, one model per left-out
    example plus the full-data model they share their random stream with;
@@ -19,7 +20,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hf_attrib import __version__
 from hf_attrib.algorithm import (
     GradCosAttributor,
     GradDotAttributor,
@@ -50,8 +52,8 @@ from hf_attrib.benchmark.settings import BenchmarkSetting, get_setting
 from hf_attrib.metrics import lds, loo_corr, mislabel_detection_auc
 from hf_attrib.model_utils.retraining import (
     evaluate_stacked,
-    lds_subsets,
     load_stacked,
+    load_subsets,
     retrain_lds,
     retrain_loo,
     train_stacked,
@@ -114,19 +116,59 @@ def _unstack(params: dict[str, Tensor], i: int) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------
 # Methods
 # --------------------------------------------------------------------------------------------
+# Hyperparameters: ``DEFAULTS`` are the best of ``SEARCH`` on digits-lr; ``SEARCH`` is the
+# paper's Appendix C.1 grid, plus a kernel regularization grid for TRAK (the paper fixes it; on
+# small models an unregularized (Phi^T Phi)^-1 is a near-exact inverse and ranks poorly).
+_REGS = [1e-1, 1e-2, 5e-3, 1e-3, 1e-4, 1e-5]
+SEARCH: dict[str, list[dict[str, Any]]] = {
+    "if-explicit": [{"regularization": r} for r in _REGS],
+    "if-cg": [{"regularization": r, "max_iter": 10} for r in _REGS],
+    "if-lissa": [{"recursion_depth": 500, "batch_size": b} for b in (10, 50)],
+    "if-arnoldi": [{"regularization": r, "max_iter": 50} for r in _REGS],
+    "tracin": [{}],
+    "grad-dot": [{}],
+    "grad-cos": [{}],
+    "rps": [{"l2_strength": s, "normalize_preactivate": nm}
+            for s in (10, 1, 1e-1, 1e-2, 1e-3, 1e-4) for nm in (True, False)],
+    "trak": [{"proj_dim": p, "relative_regularization": r}
+             for p in (512, 2048) for r in (0.0, 1e-2, 1e-1, 1.0)],
+}
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "if-explicit": {"regularization": 1e-1},
+    "if-cg": {"regularization": 1e-1, "max_iter": 10},
+    "if-lissa": {"recursion_depth": 500, "batch_size": 50},
+    "if-arnoldi": {"regularization": 1e-1, "max_iter": 50},
+    "tracin": {},
+    "grad-dot": {},
+    "grad-cos": {},
+    "rps": {"l2_strength": 1e-3, "normalize_preactivate": True},
+    "trak": {"proj_dim": 512, "relative_regularization": 1e-1},
+}
+
+
+def _family(method: str) -> str:
+    return "trak" if method.startswith("trak-") else method
+
+
 def make_attributor(method: str, task: AttributionTask, fns: dict[str, Callable[..., Tensor]],
-                    device: str) -> Any:
-    """The attributor of ``method`` with the hyperparameters of the paper's Appendix C.1."""
+                    device: str, n_train: int, params: dict[str, Any] | None = None) -> Any:
+    """The attributor of ``method`` with hyperparameters ``params`` (default: ``DEFAULTS``).
+
+    LiSSA's ``scaling`` is set above the largest Hessian eigenvalue is ever likely to be for
+    these models (10) with ``damping * scaling`` equal to 1e-3. TRAK's
+    ``relative_regularization`` multiplies ``n_train`` (its kernel sums over examples, while
+    the IF Hessian averages).
+    """
+    hp = dict(DEFAULTS[_family(method)] if params is None else params)
     if method == "if-explicit":
-        return IFAttributorExplicit(task=task, device=device, regularization=1e-3)
+        return IFAttributorExplicit(task=task, device=device, **hp)
     if method == "if-cg":
-        return IFAttributorCG(task=task, device=device, max_iter=10, regularization=1e-3)
+        return IFAttributorCG(task=task, device=device, **hp)
     if method == "if-lissa":
-        return IFAttributorLiSSA(task=task, device=device, recursion_depth=500, batch_size=50,
-                                 damping=1e-3 / 10, scaling=10.0)
+        return IFAttributorLiSSA(task=task, device=device, damping=1e-4, scaling=10.0, **hp)
     if method == "if-arnoldi":
-        return IFAttributorArnoldi(task=task, device=device, proj_dim=50, max_iter=100,
-                                   regularization=1e-3)
+        return IFAttributorArnoldi(task=task, device=device, proj_dim=min(50, hp["max_iter"]),
+                                   **hp)
     if method == "tracin":
         return TracInAttributor(task=task, device=device,
                                 weight_list=[1.0] * task.num_checkpoints)
@@ -135,11 +177,11 @@ def make_attributor(method: str, task: AttributionTask, fns: dict[str, Callable[
     if method == "grad-cos":
         return GradCosAttributor(task=task, device=device)
     if method == "rps":
-        return RPSAttributor(task=task, device=device, final_linear_layer_name="classifier",
-                             l2_strength=1e-3, normalize_preactivate=True)
+        return RPSAttributor(task=task, device=device, final_linear_layer_name="classifier", **hp)
     if method.startswith("trak-"):
         return TRAKAttributor(task=task, device=device, correct_probability_func=fns["prob"],
-                              projector_kwargs={"proj_dim": 512})
+                              projector_kwargs={"proj_dim": hp["proj_dim"]},
+                              regularization=hp["relative_regularization"] * n_train)
     raise KeyError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}.")
 
 
@@ -172,6 +214,93 @@ def _smoke(setting: BenchmarkSetting) -> BenchmarkSetting:
                    lds_models=8, train=train)
 
 
+@dataclass
+class Prepared:
+    """A setting made concrete: its data tensors, model, functions and training recipe."""
+
+    setting: BenchmarkSetting
+    data: BenchmarkData
+    x: Tensor
+    y: Tensor
+    xt: Tensor
+    yt: Tensor
+    model: nn.Module
+    fns: dict[str, Callable[..., Tensor]]
+    recipe: dict[str, Any]
+    block_size: int
+
+
+def prepare(setting: str | BenchmarkSetting, data_dir: str | Path | None = None,
+            smoke: bool = False) -> Prepared:
+    """Build the data, model, functions and training recipe of a setting."""
+    setting = get_setting(setting) if isinstance(setting, str) else setting
+    if smoke:
+        setting = _smoke(setting)
+    data = build_data(setting, data_dir)
+    x, y = BenchmarkData.tensors(data.train)
+    xt, yt = BenchmarkData.tensors(data.test)
+    model = build_model(setting)
+    # Blocks of models trained together (and written together): as many as keep the stacked
+    # parameters within ~64 MB, so small models train hundreds at a time.
+    n_params = sum(p.numel() for p in model.parameters())
+    block_size = max(1, min(250, (64 * 2**20) // (4 * n_params)))
+    recipe = dict(epochs=setting.train.epochs, batch_size=setting.train.batch_size,
+                  lr=setting.train.lr, momentum=setting.train.momentum,
+                  weight_decay=setting.train.weight_decay, optimizer=setting.train.optimizer,
+                  betas=setting.train.betas)
+    return Prepared(setting, data, x, y, xt, yt, model, classification_functions(model), recipe,
+                    block_size)
+
+
+def _loo_index(setting: BenchmarkSetting, loo_examples: int | None) -> list[int]:
+    return list(range(min(loo_examples or setting.n_train, setting.n_train)))
+
+
+def _check_existing(gt_dir: Path, kind: str, n_train: int) -> None:
+    """Refuse ground truth on disk that was built for another training-set size."""
+    if not any((gt_dir / kind).glob("block-*.safetensors")):
+        return
+    try:
+        masks, _ = load_subsets(gt_dir, kind)
+    except FileNotFoundError:  # some blocks missing: only the complete ones can be checked
+        return
+    if masks.shape[1] != n_train:
+        raise ValueError(
+            f"the ground truth in {gt_dir / kind} was built for {masks.shape[1]} training "
+            f"examples but this setting has {n_train}: use another --out folder or delete it."
+        )
+
+
+def build_ground_truth(prep: Prepared, gt_dir: str | Path, kind: str,
+                       models: Any = None, shard: tuple[int, int] | None = None,
+                       loo_examples: int | None = None, progress: bool = True) -> Any:
+    """Train (or resume) the ``kind`` ground-truth models of a setting into ``gt_dir``.
+
+    Args:
+        prep: the prepared setting.
+        gt_dir: folder of the ground truth.
+        kind: ``"lds"`` (subset models) or ``"loo"`` (leave-one-out models + full model).
+        models: only the blocks covering these model ids (``"a:b"``).
+        shard: ``(i, n)``: this process takes every n-th block starting at i.
+        loo_examples: leave out only the first this-many examples.
+        progress: progress bars.
+    """
+    setting, gt_dir = prep.setting, Path(gt_dir)
+    if kind not in ("lds", "loo"):
+        raise ValueError(f"unknown ground-truth kind {kind!r}; use 'lds' or 'loo'.")
+    if kind == "loo" and "loo" not in setting.metrics:
+        raise ValueError(f"{setting.name} has no LOO metric (its metrics: "
+                         f"{', '.join(setting.metrics)}).")
+    _check_existing(gt_dir, kind, setting.n_train)
+    common = dict(seed=setting.seed, models=models, shard=shard, progress=progress,
+                  block_size=prep.block_size, **prep.recipe)
+    if kind == "lds":
+        return retrain_lds(gt_dir, prep.model, prep.fns["train_loss"], prep.x, prep.y,
+                           num_models=setting.lds_models, fraction=setting.lds_fraction, **common)
+    return retrain_loo(gt_dir, prep.model, prep.fns["train_loss"], prep.x, prep.y,
+                       indices=_loo_index(setting, loo_examples), **common)
+
+
 def run_benchmark(
     setting: str | BenchmarkSetting,
     methods: Sequence[str] | None = None,
@@ -180,6 +309,7 @@ def run_benchmark(
     smoke: bool = False,
     data_dir: str | Path | None = None,
     loo_examples: int | None = None,
+    search: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark of one setting; see the module docstring.
@@ -192,6 +322,9 @@ def run_benchmark(
         smoke: shrink everything to a few seconds of work (a pipeline check, not a benchmark).
         data_dir: local copy of the source data (Hub-backed settings).
         loo_examples: leave out only the first this-many training examples (default: all).
+        search: evaluate each method over the hyperparameter grid ``SEARCH`` (Appendix C.1)
+            and report the best value of each metric, as the paper does; otherwise use
+            ``DEFAULTS``.
         progress: progress bars.
 
     Returns:
@@ -207,34 +340,21 @@ def run_benchmark(
         raise KeyError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}.")
     out = Path(out_dir)
     gt_dir = out / "ground_truth"
-    data = build_data(setting, data_dir)
-    x, y = BenchmarkData.tensors(data.train)
-    xt, yt = BenchmarkData.tensors(data.test)
-    model = build_model(setting)
-    fns = classification_functions(model)
-    # Blocks of models trained together (and written together): as many as keep the stacked
-    # parameters within ~64 MB, so small models train hundreds at a time.
-    n_params = sum(p.numel() for p in model.parameters())
-    block_size = max(1, min(250, (64 * 2**20) // (4 * n_params)))
-    recipe = dict(epochs=setting.train.epochs, batch_size=setting.train.batch_size,
-                  lr=setting.train.lr, momentum=setting.train.momentum,
-                  weight_decay=setting.train.weight_decay, optimizer=setting.train.optimizer,
-                  betas=setting.train.betas)
+    prep = prepare(setting, data_dir)
+    data, model, fns, recipe = prep.data, prep.model, prep.fns, prep.recipe
+    x, y, xt, yt = prep.x, prep.y, prep.xt, prep.yt
+    loo_index = _loo_index(setting, loo_examples)
 
-    # Ground truth (resumable). --------------------------------------------------------------
-    retrain_lds(gt_dir, model, fns["train_loss"], x, y, num_models=setting.lds_models,
-                fraction=setting.lds_fraction, seed=setting.seed, progress=progress,
-                block_size=block_size, **recipe)
+    # Ground truth (resumable: only missing blocks are trained). ------------------------------
+    build_ground_truth(prep, gt_dir, "lds", progress=progress)
     lds_params, _ = load_stacked(gt_dir, "lds")
-    masks = lds_subsets(setting.n_train, setting.lds_models, setting.lds_fraction, setting.seed)
+    masks, _ = load_subsets(gt_dir, "lds")
     gt_ids = list(setting.ground_truth_model_ids)
     lds_values = evaluate_stacked(model, {k: v[gt_ids] for k, v in lds_params.items()}, xt, yt,
                                   fns["target"])
     ground_truth: dict[str, Any] = {"lds": (lds_values, masks[gt_ids])}
-    loo_index = list(range(min(loo_examples or setting.n_train, setting.n_train)))
     if "loo" in setting.metrics:
-        retrain_loo(gt_dir, model, fns["train_loss"], x, y, indices=loo_index, seed=setting.seed,
-                    progress=progress, block_size=block_size, **recipe)
+        build_ground_truth(prep, gt_dir, "loo", loo_examples=loo_examples, progress=progress)
         loo_params, _ = load_stacked(gt_dir, "loo")
         full_params, _ = load_stacked(gt_dir, "loo-full")
         ground_truth["loo"] = (evaluate_stacked(model, loo_params, xt, yt, fns["target"]),
@@ -261,10 +381,13 @@ def run_benchmark(
     for method in methods:
         rows.append(_run_method(method, model, fns, full_state, trajectory, lds_params,
                                 setting, train_loader, test_loader, ground_truth, noisy_state,
-                                data, device))
-    results = {"setting": setting.name, "smoke": smoke, "n_train": setting.n_train,
-               "n_test": setting.n_test, "loo_examples": len(loo_index)
-               if "loo" in setting.metrics else 0, "methods": rows}
+                                data, device, search))
+    results = {
+        "setting": setting.name, "smoke": smoke, "search": search,
+        "n_train": setting.n_train, "n_test": setting.n_test,
+        "loo_examples": len(loo_index) if "loo" in setting.metrics else 0,
+        "device": device, "hf_attrib_version": __version__, "methods": rows,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results))
@@ -295,7 +418,9 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
                 lds_params: dict[str, Tensor], setting: BenchmarkSetting,
                 train_loader: DataLoader, test_loader: DataLoader,
                 ground_truth: dict[str, Any], noisy_state: Any, data: BenchmarkData,
-                device: str) -> dict[str, Any]:
+                device: str, search: bool) -> dict[str, Any]:
+    """Evaluate one method: each hyperparameter setting of the grid (``search``) or the
+    default, reporting for every metric the best value over the settings, as the paper does."""
     if method == "tracin":
         checkpoints = trajectory
     elif method.startswith("trak-"):
@@ -305,30 +430,45 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
         checkpoints = [full_state]
     task = AttributionTask(loss_func=fns["loss"], model=model, checkpoints=checkpoints,
                            target_func=fns["margin"])
-    row: dict[str, Any] = {"method": method}
-    try:
-        with _PeakRSS() as mem:
-            start = time.perf_counter()
-            attributor = make_attributor(method, task, fns, device)
-            attributor.cache(train_loader)
-            score = attributor.attribute(train_loader, test_loader)
-            row["seconds"] = time.perf_counter() - start
-        row["peak_rss_mb"] = mem.peak / 2**20
-        row["lds"] = lds(score, ground_truth["lds"]).mean
-        if "loo" in ground_truth:
-            row["loo"] = loo_corr(score, ground_truth["loo"]).mean
-        if noisy_state is not None:
-            state, loader = noisy_state
-            # Self-influence on the model trained with flipped labels (one checkpoint for every
-            # method: the noisy-label model is trained once).
-            noisy_task = AttributionTask(loss_func=fns["loss"], model=model,
-                                         checkpoints=[state], target_func=fns["margin"])
-            noisy_attributor = make_attributor(method, noisy_task, fns, device)
-            noisy_attributor.cache(loader)
-            self_score = noisy_attributor.self_attribute(loader)
-            row["auc"] = mislabel_detection_auc(self_score, data.noisy_indices)
-    except Exception as err:  # one method failing must not lose the others' results
-        row["error"] = f"{type(err).__name__}: {err}"
+    # Self-influence on the model trained with flipped labels (one checkpoint for every method:
+    # the noisy-label model is trained once).
+    noisy_task = None if noisy_state is None else AttributionTask(
+        loss_func=fns["loss"], model=model, checkpoints=[noisy_state[0]],
+        target_func=fns["margin"])
+    grid = SEARCH[_family(method)] if search else [DEFAULTS[_family(method)]]
+    trials = []
+    for params in grid:
+        trial: dict[str, Any] = {"params": params}
+        try:
+            with _PeakRSS() as mem:
+                start = time.perf_counter()
+                attributor = make_attributor(method, task, fns, device, setting.n_train, params)
+                attributor.cache(train_loader)
+                score = attributor.attribute(train_loader, test_loader)
+                trial["seconds"] = time.perf_counter() - start
+            trial["peak_rss_mb"] = mem.peak / 2**20
+            trial["lds"] = lds(score, ground_truth["lds"]).mean
+            if "loo" in ground_truth:
+                trial["loo"] = loo_corr(score, ground_truth["loo"]).mean
+            if noisy_task is not None:
+                noisy = make_attributor(method, noisy_task, fns, device, setting.n_train, params)
+                noisy.cache(noisy_state[1])
+                trial["auc"] = mislabel_detection_auc(noisy.self_attribute(noisy_state[1]),
+                                                      data.noisy_indices)
+        except Exception as err:  # one failing setting must not lose the others' results
+            trial["error"] = f"{type(err).__name__}: {err}"
+        trials.append(trial)
+    ok = [t for t in trials if "error" not in t]
+    row: dict[str, Any] = {"method": method, "trials": trials}
+    if not ok:
+        row["error"] = trials[0]["error"]
+        return row
+    for metric in ("lds", "loo", "auc"):
+        values = [t[metric] for t in ok if metric in t and t[metric] == t[metric]]
+        if values:
+            row[metric] = max(values)
+    best = max(ok, key=lambda t: t.get("lds", float("-inf")))
+    row.update(params=best["params"], seconds=best["seconds"], peak_rss_mb=best["peak_rss_mb"])
     return row
 
 
