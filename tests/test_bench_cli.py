@@ -70,6 +70,7 @@ def test_bench_run_smoke_end_to_end(tmp_path):
         assert "error" not in row, row
         assert {"lds", "loo", "auc", "seconds", "peak_rss_mb"} <= row.keys()
     assert "| if-explicit |" in (out / "results.md").read_text()
+    assert (out / "results.png").stat().st_size > 0
     # A second run reuses the ground truth on disk instead of retraining it.
     blocks = sorted((out / "ground_truth" / "lds").glob("*.safetensors"))
     mtimes = [p.stat().st_mtime_ns for p in blocks]

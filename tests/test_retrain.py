@@ -168,10 +168,16 @@ def test_changing_buffers_error_and_dropout_runs():
     def bn_loss(params, xb, yb):
         return nn.functional.cross_entropy(torch.func.functional_call(bn, params, xb), yb)
 
-    with pytest.raises(ValueError, match="running_mean"):
+    with pytest.raises(ValueError, match=r"running_mean.*strategy=.sequential."):
         train_stacked(bn, bn_loss, x, y, lds_subsets(N_TRAIN, 2), epochs=1, batch_size=8,
-                      lr=0.1)
+                      lr=0.1, strategy="stacked")
     _assert_equal(before, dict(bn.named_buffers()))  # the probe restored the buffers
+    # the default (auto) trains it sequentially and never touches the model's own buffers
+    params, buffers = train_stacked(bn, bn_loss, x, y, lds_subsets(N_TRAIN, 2), epochs=1,
+                                    batch_size=8, lr=0.1, return_buffers=True)
+    assert params["0.weight"].shape == (2, 4, DIM) and buffers["1.running_mean"].shape == (2, 4)
+    assert buffers["1.num_batches_tracked"].tolist() == [3, 3]  # 20 examples / 8 per batch
+    _assert_equal(before, dict(bn.named_buffers()))
 
     drop = nn.Sequential(nn.Linear(DIM, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, CLASSES))
     drop.eval()
@@ -334,3 +340,191 @@ def test_retrain_wrappers(tmp_path):
     # common randomness: LOO models stay close to the full model
     diff = (loo["weight"] - full["weight"]).abs().max()
     assert 0 < diff < 0.2
+
+
+# ---------------------------------------------------------------------------- BatchNorm
+
+
+IMG = 8
+
+
+def _images(n: int = N_TRAIN, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, IMG, IMG, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def _bn_net(dropout: float = 0.0) -> tuple[nn.Module, rt.LossFn]:
+    """A tiny conv net with BatchNorm (running statistics change in training mode)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(dropout),
+                          nn.Flatten(), nn.Linear(4 * (IMG - 2) ** 2, CLASSES))
+
+    def loss_fn(params, xb, yb):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
+
+    return model, loss_fn
+
+
+def _margin_fn(model):
+    def margin(params, xb, yb):
+        logits = torch.func.functional_call(model, params, xb)
+        correct = logits.gather(1, yb[:, None])[:, 0]
+        return correct - logits.scatter(1, yb[:, None], float("-inf")).logsumexp(1)
+
+    return margin
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_batchnorm_model_trains_sequentially_like_plain_torch_loop(optimizer):
+    model, loss_fn = _bn_net(dropout=0.2)
+    before = {n: b.clone() for n, b in model.state_dict().items()}
+    x, y = _images()
+    mask = lds_subsets(N_TRAIN, 1, seed=1)
+    lr = 0.1 if optimizer == "sgd" else 0.01
+    kwargs = dict(RECIPE, optimizer=optimizer, lr=lr)
+    params, buffers = train_stacked(model, loss_fn, x, y, mask, model_ids=[5],
+                                    return_buffers=True, **kwargs)
+    assert set(buffers) == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+
+    # plain PyTorch: a copy in training mode, torch.optim, the documented order and dropout seed
+    net = copy.deepcopy(model).train()
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-3)
+    torch.manual_seed(rt._derive_seed("dropout", 0, 5))
+    for epoch_order in batch_orders(mask, epochs=RECIPE["epochs"], stream_ids=[5])[0]:
+        for start in range(0, epoch_order.numel(), RECIPE["batch_size"]):
+            idx = epoch_order[start:start + RECIPE["batch_size"]]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    _assert_close({n: p[0] for n, p in params.items()}, dict(net.named_parameters()))
+    _assert_close({n: b[0] for n, b in buffers.items()}, dict(net.named_buffers()))
+    assert buffers["1.num_batches_tracked"].item() == RECIPE["epochs"] * 3
+    assert not torch.allclose(buffers["1.running_mean"][0], torch.zeros(4))
+    # the model itself is untouched (parameters and running statistics) and in eval mode again
+    _assert_equal(before, model.state_dict())
+    model.eval()
+    with pytest.warns(UserWarning, match="return_buffers=True"):
+        alone = train_stacked(model, loss_fn, x, y, mask, model_ids=[5], **kwargs)
+    assert not model.training
+    _assert_equal(alone, params)
+
+
+def test_batchnorm_block_member_equals_model_trained_alone():
+    model, loss_fn = _bn_net(dropout=0.3)
+    x, y = _images()
+    masks = lds_subsets(N_TRAIN, 3, seed=2)
+    ids = [10, 11, 12]
+    kwargs = dict(RECIPE, init="seeded", return_buffers=True)
+    params, buffers = train_stacked(model, loss_fn, x, y, masks, model_ids=ids, **kwargs)
+    for k in range(3):
+        p, b = train_stacked(model, loss_fn, x, y, masks[k:k + 1], model_ids=[ids[k]], **kwargs)
+        _assert_equal({n: t[k:k + 1] for n, t in params.items()}, p)
+        _assert_equal({n: t[k:k + 1] for n, t in buffers.items()}, b)
+    assert not torch.allclose(params["0.weight"][0], params["0.weight"][1], atol=1e-2)
+    assert not torch.allclose(buffers["1.running_var"][0], buffers["1.running_var"][1])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_sequential_strategy_matches_stacked_without_buffers(optimizer):
+    model, loss_fn = _lr()
+    x, y = _data()
+    masks = lds_subsets(N_TRAIN, 3, seed=4)
+    kwargs = dict(RECIPE, optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01,
+                  init="seeded", model_ids=[3, 4, 5])
+    stacked = train_stacked(model, loss_fn, x, y, masks, strategy="stacked", **kwargs)
+    sequential = train_stacked(model, loss_fn, x, y, masks, strategy="sequential", **kwargs)
+    _assert_close(stacked, sequential)
+    with pytest.raises(ValueError, match="strategy must be"):
+        train_stacked(model, loss_fn, x, y, masks, strategy="vmap", **kwargs)
+
+
+def test_sequential_rejects_loss_fn_that_drops_buffers():
+    model, _ = _bn_net()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    x, y = _images()
+
+    def params_only(params, xb, yb):  # routes parameters only: the model's own stats would move
+        params = {n: p for n, p in params.items() if "running" not in n and "tracked" not in n}
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
+
+    with pytest.raises(ValueError, match="whole mapping"):
+        train_stacked(model, params_only, x, y, lds_subsets(N_TRAIN, 2), epochs=1,
+                      batch_size=8, lr=0.1)
+    _assert_equal(before, dict(model.named_buffers()))
+
+
+def _bn_build(num_models: int = 5) -> RetrainBuild:
+    model, loss_fn = _bn_net(dropout=0.1)
+    x, y = _images()
+    return RetrainBuild(model=model, loss_fn=loss_fn, x=x, y=y,
+                        masks=lds_subsets(N_TRAIN, num_models), **dict(RECIPE, epochs=2))
+
+
+def test_batchnorm_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch):
+    build = _bn_build()
+    assert build.resolve_strategy() == "sequential"
+    assert build.fingerprint() == build.fingerprint("sequential") != build.fingerprint("stacked")
+    retrain("lds", tmp_path / "full", build, block_size=2, progress=False)
+    ref_params, ref_buffers, ref_ids = load_stacked(tmp_path / "full", "lds", with_buffers=True)
+    assert ref_ids.tolist() == list(range(5))
+    assert ref_buffers["1.running_mean"].shape == (5, 4)
+    assert ref_buffers["1.num_batches_tracked"].tolist() == [6] * 5
+    # the default return stays (params, ids), parameters only
+    params, ids = load_stacked(tmp_path / "full", "lds")
+    assert set(params) == {"0.weight", "0.bias", "1.weight", "1.bias", "5.weight", "5.bias"}
+    _assert_equal(params, ref_params)
+    with rt.safe_open(str(tmp_path / "full" / "lds" / "block-00000.safetensors"), "pt") as f:
+        assert "__buffer__.1.running_var" in set(f.keys())
+        assert f.metadata()["strategy"] == "sequential"
+
+    out = tmp_path / "resumed"
+    calls = _count_calls(monkeypatch, fail_after=1)
+    with pytest.raises(_Crash):
+        retrain("lds", out, build, block_size=2, progress=False)
+    assert calls == [[0, 1]]
+    (out / "lds" / ".block-00001.safetensors.999.deadbeef.tmp").write_bytes(b"partial")
+    calls = _count_calls(monkeypatch)
+    result = retrain("lds", out, build, block_size=2, progress=False)
+    assert calls == [[2, 3], [4]] and result.skipped == [0]
+    params, buffers, ids = load_stacked(out, "lds", with_buffers=True)
+    _assert_equal(params, ref_params)
+    _assert_equal(buffers, ref_buffers)
+    assert torch.equal(ids, ref_ids)
+    # a build forced onto the stacked path cannot train (or resume) it
+    stacked = _bn_build()
+    stacked.strategy = "stacked"
+    with pytest.raises(ValueError, match="running_mean"):
+        retrain("lds", out, stacked, block_size=2, progress=False)
+    # stacked builds have no buffers to load
+    retrain("lds", tmp_path / "lr", _build(3), block_size=2, progress=False)
+    assert load_stacked(tmp_path / "lr", "lds", with_buffers=True)[1] == {}
+
+
+def test_evaluate_stacked_with_buffers_matches_per_model_eval_forward():
+    model, loss_fn = _bn_net(dropout=0.2)
+    x, y = _images()
+    params, buffers = train_stacked(model, loss_fn, x, y, lds_subsets(N_TRAIN, 3), epochs=2,
+                                    batch_size=8, lr=0.1, init="seeded", return_buffers=True)
+    xt, yt = _images(9, seed=1)
+    margin = _margin_fn(model)
+    values = evaluate_stacked(model, params, xt, yt, margin, chunk=4, model_chunk=2,
+                              buffers=buffers)
+    assert values.shape == (3, 9)
+    for m in range(3):
+        net = copy.deepcopy(model)
+        net.load_state_dict({**{n: p[m] for n, p in params.items()},
+                             **{n: b[m] for n, b in buffers.items()}})
+        net.eval()
+        with torch.no_grad():
+            logits = net(xt)
+        correct = logits.gather(1, yt[:, None])[:, 0]
+        expected = correct - logits.scatter(1, yt[:, None], float("-inf")).logsumexp(1)
+        torch.testing.assert_close(values[m], expected)
+    # without its buffers every model would use the model's own (initial) statistics
+    assert not torch.allclose(evaluate_stacked(model, params, xt, yt, margin), values)
+    with pytest.raises(ValueError, match="stacked over the 3 models"):
+        evaluate_stacked(model, params, xt, yt, margin,
+                         buffers={n: b[:2] for n, b in buffers.items()})

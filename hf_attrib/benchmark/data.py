@@ -29,7 +29,8 @@ class BenchmarkData:
     """The benchmark sample of a setting.
 
     Attributes:
-        train: training split (``pixel_values`` flattened floats, ``label``).
+        train: training split (``pixel_values``: floats, ``[C, H, W]`` images or flat vectors
+            for digits; ``label``).
         test: test split.
         noisy_train: training split with ``noisy_fraction`` of labels flipped, or ``None``.
         noisy_indices: positions of the flipped labels in ``noisy_train``.
@@ -87,7 +88,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _image_dataset(name: str, data_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST/CIFAR from the Hub (or a local copy) as flattened floats in [0, 1] and labels.
+    """MNIST/CIFAR from the Hub (or a local copy) as ``[N, C, H, W]`` floats in [0, 1], labels.
 
     The training split of the source is sampled (as in the paper); CIFAR-2 keeps cat and dog.
     """
@@ -101,12 +102,11 @@ def _image_dataset(name: str, data_dir: str | Path | None) -> tuple[np.ndarray, 
     if name == "cifar2":
         split = split.filter(lambda y: y in _CIFAR2_CLASSES, input_columns=label_col)
     images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in split[image_col]])
-    if images.ndim == 4:  # H, W, C -> C, H, W as the models expect
-        images = images.transpose(0, 3, 1, 2)
+    images = images.transpose(0, 3, 1, 2) if images.ndim == 4 else images[:, None]
     labels = np.asarray(split[label_col])
     if name == "cifar2":
         labels = (labels == _CIFAR2_CLASSES[1]).astype(np.int64)
-    return images.reshape(images.shape[0], -1), labels
+    return images, labels
 
 
 def build_data(setting: BenchmarkSetting, data_dir: str | Path | None = None) -> BenchmarkData:

@@ -47,7 +47,10 @@ from hf_attrib.benchmark.models import (
     LogisticRegressionModel,
     MLPConfig,
     MLPModel,
+    ResNet9Config,
+    ResNet9Model,
 )
+from hf_attrib.benchmark.report import results_chart, results_markdown
 from hf_attrib.benchmark.settings import BenchmarkSetting, get_setting
 from hf_attrib.metrics import lds, loo_corr, mislabel_detection_auc
 from hf_attrib.model_utils.retraining import (
@@ -60,7 +63,7 @@ from hf_attrib.model_utils.retraining import (
 )
 from hf_attrib.task import AttributionTask
 
-__all__ = ["METHODS", "run_benchmark"]
+__all__ = ["METHODS", "build_ground_truth", "prepare", "results_markdown", "run_benchmark"]
 
 METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "tracin", "grad-dot", "grad-cos",
            "rps", "trak-1", "trak-10", "trak-50")
@@ -77,6 +80,8 @@ def build_model(setting: BenchmarkSetting) -> nn.Module:
         return LogisticRegressionModel(LogisticRegressionConfig(**setting.model_kwargs))
     if setting.model == "mlp":
         return MLPModel(MLPConfig(**setting.model_kwargs))
+    if setting.model == "resnet9":
+        return ResNet9Model(ResNet9Config(**setting.model_kwargs))
     raise NotImplementedError(f"`bench run` supports the classification settings on LR and MLP "
                               f"models in this version, not {setting.name} ({setting.model}).")
 
@@ -208,10 +213,19 @@ class _PeakRSS:
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
+# Smoke runs shrink the data, the number of models and the architectures' widths.
+_SMOKE_MODEL = {
+    "resnet9": dict(stem_channels=8, hidden_sizes=(16, 32, 64)),
+    "music_transformer": dict(num_layers=2, num_heads=2, d_model=32, dim_feedforward=64),
+    "nanogpt": dict(n_layer=1, n_head=2, n_embd=32, block_size=32),
+}
+
+
 def _smoke(setting: BenchmarkSetting) -> BenchmarkSetting:
     train = replace(setting.train, epochs=min(setting.train.epochs, 3))
+    model_kwargs = {**setting.model_kwargs, **_SMOKE_MODEL.get(setting.model, {})}
     return replace(setting, n_train=min(setting.n_train, 120), n_test=min(setting.n_test, 12),
-                   lds_models=8, train=train)
+                   lds_models=8, train=train, model_kwargs=model_kwargs)
 
 
 @dataclass
@@ -391,6 +405,7 @@ def run_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results))
+    results_chart(results, out / "results.png")
     return results
 
 
@@ -470,23 +485,3 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
     best = max(ok, key=lambda t: t.get("lds", float("-inf")))
     row.update(params=best["params"], seconds=best["seconds"], peak_rss_mb=best["peak_rss_mb"])
     return row
-
-
-def results_markdown(results: dict[str, Any]) -> str:
-    """The results as a Markdown table."""
-    lines = [f"### {results['setting']} (n_train={results['n_train']}, "
-             f"n_test={results['n_test']}{', smoke' if results['smoke'] else ''})", "",
-             "| method | LDS | LOO | AUC | seconds | peak RSS (MB) |",
-             "|---|---|---|---|---|---|"]
-
-    def fmt(value: Any, digits: int = 3) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    for row in results["methods"]:
-        if "error" in row:
-            lines.append(f"| {row['method']} | error: {row['error'][:80]} | | | | |")
-            continue
-        lines.append(f"| {row['method']} | {fmt(row.get('lds'))} | {fmt(row.get('loo'))} | "
-                     f"{fmt(row.get('auc'))} | {fmt(row.get('seconds'), 1)} | "
-                     f"{fmt(row.get('peak_rss_mb'), 0)} |")
-    return "\n".join(lines) + "\n"

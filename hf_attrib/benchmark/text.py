@@ -397,8 +397,9 @@ def generate_samples(
     position's logits divided by ``temperature``, restricted to the first ``vocab`` tokens
     (and to the ``top_k`` most likely, as nanoGPT's ``sample.py``). The randomness is one
     uniform number per sequence and step, drawn up front on the CPU from
-    ``torch.Generator().manual_seed(seed)`` and turned into a token by inverse-CDF sampling, so
-    the result depends neither on ``batch_size`` nor on the device (up to floating point).
+    ``torch.Generator().manual_seed(seed)`` (step-major) and turned into a token by inverse-CDF
+    sampling, so the result depends neither on ``batch_size`` nor on the device (up to
+    floating point), and a longer ``max_new_tokens`` extends the same samples.
     Inputs longer than the model's context (``n_positions`` / ``max_position_embeddings``) are
     cropped to their last tokens. Models that return ``past_key_values`` (GPT-2) are decoded
     incrementally with their cache; others recompute the whole sequence every step. The model
@@ -432,8 +433,9 @@ def generate_samples(
         return prompts.clone()
     vocab = _resolve_vocab(model, tokenizer_or_vocab)
     context = _context_length(model)
-    uniforms = torch.rand(k, max_new_tokens, generator=torch.Generator().manual_seed(seed),
-                          dtype=torch.float64)
+    # drawn step-major: generating more tokens extends the same samples
+    uniforms = torch.rand(max_new_tokens, k, generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64).T
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -448,18 +450,27 @@ def generate_samples(
     return torch.cat(outputs)
 
 
+def _returned_cache(out: Any) -> dict[str, Any]:
+    """The key/value cache a forward returned, keyed by the argument that takes it back
+    (``cache`` in ``transformers`` 5, ``past_key_values`` before); empty if there is none."""
+    fields = dict(out.items()) if hasattr(out, "items") else vars(out)
+    for name in ("cache", "past_key_values"):
+        if fields.get(name) is not None:
+            return {name: fields[name]}
+    return {}
+
+
 def _sample_batch(model: nn.Module, seq: Tensor, uniforms: Tensor, vocab: int | None,
                   context: int | None, temperature: float, top_k: int | None) -> Tensor:
-    past: Any = None
+    cache: dict[str, Any] = {}
     for step in range(uniforms.shape[1]):
         length = seq.shape[1]
-        if past is not None and (context is None or length <= context):
-            out = model(input_ids=seq[:, -1:], past_key_values=past, use_cache=True)
+        if cache and (context is None or length <= context):
+            out = model(input_ids=seq[:, -1:], use_cache=True, **cache)
         else:
             window = seq if context is None else seq[:, -context:]
-            cacheable = context is None or length < context
-            out = model(input_ids=window, use_cache=True) if cacheable else model(input_ids=window)
-        past = getattr(out, "past_key_values", None)
+            out = model(input_ids=window, use_cache=context is None or length < context)
+        cache = _returned_cache(out)
         logits = out.logits[:, -1, :]
         if vocab is not None:
             logits = logits[:, :vocab]

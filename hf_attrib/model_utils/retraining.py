@@ -26,9 +26,15 @@ LOO (5,000 per MNIST setting in the paper) and 100 models on random half subsets
 
 Scope: models are trained in training mode (dropout active, with ``randomness="different"``
 under vmap: every model and step gets its own masks). Buffers that training mode changes, such
-as BatchNorm running statistics, cannot be carried by stacked functional training, so
-:func:`train_stacked` probes the model once and raises a ``ValueError`` naming them; constant
-buffers are fine. Use e.g. ``GroupNorm``/``LayerNorm`` or ``track_running_stats=False``.
+as BatchNorm running statistics, cannot be carried by stacked functional training. For such
+models (found by one probing forward pass) :func:`train_stacked` switches automatically to a
+*sequential* path (``strategy="sequential"``): the models of the stack are trained one after
+another by a plain PyTorch loop (``torch.optim.SGD``/``Adam``, same hyperparameters, same
+per-model initialization and batch order, dropout seeded per model id), so BatchNorm updates
+each model's own running statistics. It is slower (no vectorization over models) but keeps
+every guarantee above. Those blocks also store the trained buffers (keys
+``__buffer__.{name}``); ``load_stacked(..., with_buffers=True)`` returns them and
+``evaluate_stacked(..., buffers=...)`` evaluates every model with its own running statistics.
 
 Example (LDS ground truth for a logistic regression)::
 
@@ -40,6 +46,12 @@ Example (LDS ground truth for a logistic regression)::
     params, ids = load_stacked("gt", "lds")          # {name: [100, ...]}, [100]
     # margin_fn(params, xb, yb) -> [b]: e.g. logit_y - logsumexp(other logits)
     values = evaluate_stacked(model, params, x_test, y_test, margin_fn)   # [100, n_test]
+
+With BatchNorm (e.g. ResNet-9) the same calls train sequentially; load and evaluate with the
+buffers (``margin_fn`` must pass the whole mapping it receives to ``functional_call``)::
+
+    params, buffers, ids = load_stacked("gt", "lds", with_buffers=True)
+    values = evaluate_stacked(model, params, x_test, y_test, margin_fn, buffers=buffers)
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import math
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,6 +100,8 @@ _IDS_KEY = "__model_ids__"
 _STREAMS_KEY = "__stream_ids__"
 _SUBSETS_KEY = "__subset_indices__"
 _RESERVED = (_IDS_KEY, _STREAMS_KEY, _SUBSETS_KEY)
+_BUFFER_PREFIX = "__buffer__."
+_STRATEGIES = ("auto", "stacked", "sequential")
 _BLOCK_RE = re.compile(r"^block-(\d{5,})\.safetensors$")
 _KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -294,33 +309,63 @@ def _initial_params(
     }
 
 
-def _check_buffers(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> None:
-    """Raise if a forward pass in training mode changes a buffer (e.g. BatchNorm stats)."""
+def _changing_buffers(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> list[str]:
+    """Names of the buffers a training-mode forward pass changes (e.g. BatchNorm statistics).
+
+    Runs ``loss_fn`` once on (at most) 4 examples, without gradients and under a fixed seed,
+    then restores the buffers and the model's mode.
+    """
     before = {name: b.detach().clone() for name, b in model.named_buffers()}
     if not before:
-        return
+        return []
     was_training = model.training
     device = next(model.parameters()).device
     model.train()
     try:
         with torch.no_grad(), _rng_scope(device, 0):
-            loss_fn(dict(model.named_parameters()), x[:4], y[:4])
+            loss_fn(dict(model.named_parameters()), x[:4].to(device), y[:4].to(device))
     finally:
         model.train(was_training)
-        changed = []
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                old = before.get(name)
-                if old is None or old.shape != buf.shape or not torch.equal(old, buf):
-                    changed.append(name)
-                    if old is not None and old.shape == buf.shape:
-                        buf.copy_(old)
-    if changed:
+        changed = _restore_buffers(model, before)
+    return changed
+
+
+def _restore_buffers(model: nn.Module, before: Mapping[str, Tensor]) -> list[str]:
+    """Copy ``before`` back into the model's buffers; return the names that had changed."""
+    changed = []
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            old = before.get(name)
+            if old is None or old.shape != buf.shape or not torch.equal(old, buf):
+                changed.append(name)
+                if old is not None and old.shape == buf.shape:
+                    buf.copy_(old)
+    return changed
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}.")
+
+
+def _resolve_strategy(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, strategy: str
+) -> str:
+    """``"stacked"`` or ``"sequential"``: what ``strategy`` means for this model."""
+    _check_strategy(strategy)
+    if strategy == "sequential":
+        return strategy
+    changed = _changing_buffers(model, loss_fn, x, y)
+    if not changed:
+        return "stacked"
+    if strategy == "stacked":
         raise ValueError(
             f"buffers {changed} change when the model runs in training mode (e.g. BatchNorm "
             "running statistics). Stacked training carries parameters only, so it does not "
-            "support them: use GroupNorm/LayerNorm or BatchNorm(track_running_stats=False)."
+            "support them: use strategy='sequential' (or 'auto'), or GroupNorm/LayerNorm or "
+            "BatchNorm(track_running_stats=False)."
         )
+    return "sequential"
 
 
 class _StackedSGD:
@@ -375,92 +420,24 @@ class _StackedAdam:
             p.addcdiv_(m, denom, value=-step_size)
 
 
-def train_stacked(
-    model: nn.Module,
-    loss_fn: LossFn,
-    x: Tensor,
-    y: Tensor,
-    masks: Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    optimizer: str = "sgd",
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    seed: int = 0,
-    model_ids: Sequence[int] | Tensor | None = None,
-    init: str = "model",
-    stream_ids: Sequence[int] | Tensor | None = None,
+def _torch_optimizer(
+    params: list[nn.Parameter], optimizer: str, lr: float, momentum: float,
+    weight_decay: float, betas: tuple[float, float], eps: float,
+) -> torch.optim.Optimizer:
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def _train_vmap(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, masks: Tensor, ids: list[int],
+    streams: list[int], size: int, *, epochs: int, batch_size: int, lr: float, momentum: float,
+    weight_decay: float, optimizer: str, betas: tuple[float, float], eps: float, seed: int,
+    init: str,
 ) -> dict[str, Tensor]:
-    """Train ``M`` copies of a small model at once, each on its own subset.
-
-    Parameters are stacked to ``[M, ...]`` and each step evaluates
-    ``vmap(grad(loss_fn), randomness="different")`` on one mini-batch per model, then applies
-    the optimizer to the stacked tensors with PyTorch's semantics (``torch.optim.SGD`` with
-    momentum and L2 weight decay; ``torch.optim.Adam``). Model ``r`` draws its initialization
-    (``init="seeded"``) and its batch order (see :func:`batch_orders`) from generators seeded
-    by ``(seed, stream_ids[r])``, so it does not depend on the other models of the stack:
-    stacked model ``r`` equals the same model trained alone. Dropout masks are the exception:
-    they come from the global RNG, seeded per stack from ``(seed, model_ids)``, so with
-    dropout a model is reproducible for a fixed stack composition only.
-
-    The model runs in training mode (its mode is restored afterwards). Buffers that change in
-    training mode (BatchNorm running statistics) are not supported and raise a ``ValueError``;
-    parameters with ``requires_grad=False`` are stacked and returned but not trained.
-
-    Args:
-        model: the architecture (and, with ``init="model"``, the initial weights); not changed.
-        loss_fn: ``loss_fn(params, xb, yb) -> scalar`` on one model's mini-batch, typically
-            ``cross_entropy(torch.func.functional_call(model, params, xb), yb)``.
-        x: all training inputs ``[n_train, ...]``.
-        y: all training targets ``[n_train, ...]``.
-        masks: ``[M, n_train]`` boolean subset masks, all of the same subset size.
-        epochs: passes over each subset.
-        batch_size: mini-batch size (the last batch of an epoch may be smaller).
-        lr: learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 penalty added to the gradient (PyTorch's ``weight_decay``).
-        optimizer: ``"sgd"`` or ``"adam"``.
-        betas: Adam's ``(beta1, beta2)``.
-        eps: Adam's epsilon.
-        seed: training seed.
-        model_ids: ids of the ``M`` models (default ``0..M-1``); they seed the dropout RNG of
-            the stack and are the default stream ids.
-        init: ``"model"``: every model starts from ``model``'s current weights; ``"seeded"``:
-            model ``r`` re-initializes a copy of ``model`` by calling every module's
-            ``reset_parameters()`` (in ``model.modules()`` order) under
-            ``torch.manual_seed`` derived from ``(seed, stream_ids[r])``. Parameters of modules
-            without ``reset_parameters`` keep the model's values.
-        stream_ids: the random stream of each model (default: ``model_ids``). Models sharing
-            a stream share their initialization and batch order (up to their subsets), e.g.
-            leave-one-out models that should differ only by the removed example.
-
-    Returns:
-        The trained parameters ``{name: [M, *shape]}``, detached, on the model's device.
-    """
+    """The stacked path of :func:`train_stacked`: one ``vmap(grad)`` step for all models."""
     params_named = dict(model.named_parameters())
-    if not params_named:
-        raise ValueError("the model has no parameters to train.")
-    if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}.")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}.")
-    masks = _check_masks(masks, x.shape[0])
-    num = masks.shape[0]
-    ids = _as_ids(model_ids, num, "model_ids")
-    streams = _as_ids(stream_ids, num, "stream_ids") if stream_ids is not None else ids
-    size = _subset_size(masks, ids)
-    if num == 0:
-        return {n: p.detach().new_empty(0, *p.shape) for n, p in params_named.items()}
-    device = next(iter(params_named.values())).device
-    x, y = x.to(device), y.to(device)
-    _check_buffers(model, loss_fn, x, y)
-
+    device = x.device
     params = _initial_params(model, init, seed, streams)
     trainable = [n for n, p in params_named.items() if p.requires_grad]
     frozen = {n: params[n] for n in params if n not in trainable}
@@ -496,6 +473,225 @@ def train_stacked(
     return {n: params[n].detach() for n in params_named}
 
 
+def _train_sequential(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, masks: Tensor, ids: list[int],
+    streams: list[int], size: int, *, epochs: int, batch_size: int, lr: float, momentum: float,
+    weight_decay: float, optimizer: str, betas: tuple[float, float], eps: float, seed: int,
+    init: str,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The sequential path of :func:`train_stacked`: a plain PyTorch loop, model by model.
+
+    One deep copy ``net`` of the model is reused: for every model it is reset to the model's
+    weights and buffers (then re-initialized per stream with ``init="seeded"``, exactly as the
+    stacked path does), and trained with a fresh ``torch.optim`` optimizer. ``loss_fn`` gets
+    ``net``'s parameters *and* buffers, so ``functional_call(model, ...)`` in training mode
+    updates ``net``'s running statistics in place, never the model's own.
+    """
+    device = x.device
+    net = copy.deepcopy(model)
+    net.train()
+    resets = [m for m in net.modules() if callable(getattr(m, "reset_parameters", None))]
+    start_p = {n: p.detach() for n, p in model.named_parameters()}
+    start_b = {n: b.detach() for n, b in model.named_buffers()}
+    guard = {n: b.clone() for n, b in start_b.items()}
+    net_p, net_b = dict(net.named_parameters()), dict(net.named_buffers())
+    state = {**net_p, **net_b}
+    trainable = [p for p in net_p.values() if p.requires_grad]
+    out_p: dict[str, list[Tensor]] = {n: [] for n in net_p}
+    out_b: dict[str, list[Tensor]] = {n: [] for n in net_b}
+    checked = False
+    was_training = model.training
+    model.train()
+    try:
+        for row, (mid, stream) in enumerate(zip(ids, streams, strict=True)):
+            with torch.no_grad():
+                for n, p in net_p.items():
+                    p.copy_(start_p[n])
+                for n, b in net_b.items():
+                    b.copy_(start_b[n])
+            if init == "seeded":
+                with _rng_scope(device, _derive_seed("init", seed, stream)), torch.no_grad():
+                    for module in resets:
+                        module.reset_parameters()
+            opt = (_torch_optimizer(trainable, optimizer, lr, momentum, weight_decay, betas, eps)
+                   if trainable else None)
+            with _rng_scope(device, _derive_seed("dropout", seed, mid)):
+                for order in _epoch_orders(masks[row:row + 1], epochs, seed, [stream]):
+                    order = order[0].to(device)
+                    for start in range(0, size, batch_size):
+                        idx = order[start:start + batch_size]
+                        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+                        if opt is None:
+                            with torch.no_grad():
+                                loss_fn(state, xb, yb)
+                        else:
+                            opt.zero_grad()
+                            loss_fn(state, xb, yb).backward()
+                            opt.step()
+                        if not checked:
+                            _check_routed(model, guard)
+                            checked = True
+            for n, p in net_p.items():
+                out_p[n].append(p.detach().clone())
+            for n, b in net_b.items():
+                out_b[n].append(b.detach().clone())
+    finally:
+        model.train(was_training)
+    return ({n: torch.stack(v) for n, v in out_p.items()},
+            {n: torch.stack(v) for n, v in out_b.items()})
+
+
+def _check_routed(model: nn.Module, guard: Mapping[str, Tensor]) -> None:
+    """Raise if ``loss_fn`` updated the model's own buffers instead of the ones it was given."""
+    changed = _restore_buffers(model, guard)
+    if changed:
+        raise ValueError(
+            f"loss_fn changed the model's own buffers {changed}: for sequential training it "
+            "must pass the whole mapping it receives (parameters and buffers) to "
+            "torch.func.functional_call, e.g. functional_call(model, params, xb)."
+        )
+
+
+def train_stacked(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    masks: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    seed: int = 0,
+    model_ids: Sequence[int] | Tensor | None = None,
+    init: str = "model",
+    stream_ids: Sequence[int] | Tensor | None = None,
+    strategy: str = "auto",
+    return_buffers: bool = False,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Train ``M`` copies of a small model at once, each on its own subset.
+
+    Parameters are stacked to ``[M, ...]`` and each step evaluates
+    ``vmap(grad(loss_fn), randomness="different")`` on one mini-batch per model, then applies
+    the optimizer to the stacked tensors with PyTorch's semantics (``torch.optim.SGD`` with
+    momentum and L2 weight decay; ``torch.optim.Adam``). Model ``r`` draws its initialization
+    (``init="seeded"``) and its batch order (see :func:`batch_orders`) from generators seeded
+    by ``(seed, stream_ids[r])``, so it does not depend on the other models of the stack:
+    stacked model ``r`` equals the same model trained alone. Dropout masks are the exception:
+    they come from the global RNG, seeded per stack from ``(seed, model_ids)``, so with
+    dropout a model is reproducible for a fixed stack composition only.
+
+    The model runs in training mode (its mode is restored afterwards); parameters with
+    ``requires_grad=False`` are stacked and returned but not trained.
+
+    **When the sequential path is used.** Stacked (vmap) training carries parameters only, so
+    buffers that change in training mode (BatchNorm running statistics, ``num_batches_tracked``)
+    cannot be updated. With ``strategy="auto"`` (the default) one probing forward pass in
+    training mode (on 4 examples, buffers restored afterwards) decides: if no buffer changes,
+    the stacked path runs; if some do (e.g. ResNet-9), the models are trained **one after
+    another** with a plain PyTorch loop instead: a deep copy of the model, a fresh
+    ``torch.optim.SGD``/``Adam`` per model with the same hyperparameters and semantics, the same
+    initialization and batch order as above, and dropout masks from the global RNG seeded per
+    model from ``(seed, model_ids[r])``, so every model (dropout included) is independent of
+    the stack composition. ``loss_fn`` then receives the copy's parameters *and* buffers and
+    must pass the whole mapping to ``functional_call`` (the usual form below does), so BatchNorm
+    updates each model's own statistics. ``strategy="sequential"`` forces this path (slower,
+    but it works for any model); ``strategy="stacked"`` forces the vmap path and raises a
+    ``ValueError`` naming the changing buffers. The two paths agree to float rounding on
+    models without changing buffers and dropout.
+
+    Args:
+        model: the architecture (and, with ``init="model"``, the initial weights and buffers);
+            not changed.
+        loss_fn: ``loss_fn(params, xb, yb) -> scalar`` on one model's mini-batch, typically
+            ``cross_entropy(torch.func.functional_call(model, params, xb), yb)``.
+        x: all training inputs ``[n_train, ...]``.
+        y: all training targets ``[n_train, ...]``.
+        masks: ``[M, n_train]`` boolean subset masks, all of the same subset size.
+        epochs: passes over each subset.
+        batch_size: mini-batch size (the last batch of an epoch may be smaller).
+        lr: learning rate.
+        momentum: SGD momentum.
+        weight_decay: L2 penalty added to the gradient (PyTorch's ``weight_decay``).
+        optimizer: ``"sgd"`` or ``"adam"``.
+        betas: Adam's ``(beta1, beta2)``.
+        eps: Adam's epsilon.
+        seed: training seed.
+        model_ids: ids of the ``M`` models (default ``0..M-1``); they seed the dropout RNG
+            (of the stack, or of each model on the sequential path) and are the default
+            stream ids.
+        init: ``"model"``: every model starts from ``model``'s current weights (and buffers);
+            ``"seeded"``: model ``r`` re-initializes a copy of ``model`` by calling every
+            module's ``reset_parameters()`` (in ``model.modules()`` order) under
+            ``torch.manual_seed`` derived from ``(seed, stream_ids[r])`` (for BatchNorm this
+            also resets the running statistics). Parameters of modules without
+            ``reset_parameters`` keep the model's values.
+        stream_ids: the random stream of each model (default: ``model_ids``). Models sharing
+            a stream share their initialization and batch order (up to their subsets), e.g.
+            leave-one-out models that should differ only by the removed example.
+        strategy: ``"auto"``, ``"stacked"`` or ``"sequential"`` (see above).
+        return_buffers: also return the buffers of every model.
+
+    Returns:
+        The trained parameters ``{name: [M, *shape]}``, detached, on the model's device. With
+        ``return_buffers=True``, ``(params, buffers)`` where ``buffers`` is
+        ``{name: [M, *shape]}`` for every buffer of the model: the trained ones on the
+        sequential path, the model's own (constant) buffers on the stacked path. Without it,
+        buffers that training changed are dropped with a warning.
+    """
+    params_named = dict(model.named_parameters())
+    if not params_named:
+        raise ValueError("the model has no parameters to train.")
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
+    if init not in ("model", "seeded"):
+        raise ValueError(f"init must be 'model' or 'seeded', got {init!r}.")
+    _check_strategy(strategy)
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}.")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}.")
+    masks = _check_masks(masks, x.shape[0])
+    num = masks.shape[0]
+    ids = _as_ids(model_ids, num, "model_ids")
+    streams = _as_ids(stream_ids, num, "stream_ids") if stream_ids is not None else ids
+    size = _subset_size(masks, ids)
+    model_buffers = {n: b.detach() for n, b in model.named_buffers()}
+    if num == 0:
+        params = {n: p.detach().new_empty(0, *p.shape) for n, p in params_named.items()}
+        empty = {n: b.new_empty(0, *b.shape) for n, b in model_buffers.items()}
+        return (params, empty) if return_buffers else params
+    device = next(iter(params_named.values())).device
+    x, y = x.to(device), y.to(device)
+    recipe = dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                  weight_decay=weight_decay, optimizer=optimizer, betas=betas, eps=eps,
+                  seed=seed, init=init)
+    if _resolve_strategy(model, loss_fn, x, y, strategy) == "sequential":
+        params, buffers = _train_sequential(model, loss_fn, x, y, masks, ids, streams, size,
+                                            **recipe)
+        if not return_buffers:
+            dropped = [n for n, b in buffers.items()
+                       if not bool((b == model_buffers[n].unsqueeze(0)).all())]
+            if dropped:
+                warnings.warn(
+                    f"train_stacked trained buffers {dropped} (e.g. BatchNorm running "
+                    "statistics) but return_buffers=False drops them; pass return_buffers=True "
+                    "to keep them.", stacklevel=2,
+                )
+            return params
+        return params, buffers
+    params = _train_vmap(model, loss_fn, x, y, masks, ids, streams, size, **recipe)
+    if not return_buffers:
+        return params
+    buffers = {n: b.unsqueeze(0).expand(num, *b.shape).clone() for n, b in model_buffers.items()}
+    return params, buffers
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
@@ -509,6 +705,8 @@ def evaluate_stacked(
     target_fn: Callable[[Mapping[str, Tensor], Tensor, Tensor], Tensor],
     chunk: int = 1024,
     model_chunk: int | None = None,
+    *,
+    buffers: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """The target value of every stacked model on every test example.
 
@@ -524,16 +722,31 @@ def evaluate_stacked(
             ``logit_y - logsumexp(other logits)`` of the true class.
         chunk: test examples per forward pass.
         model_chunk: models per vectorized call (``vmap``'s ``chunk_size``); ``None`` for all.
+        buffers: stacked buffers ``{name: [M, ...]}`` of the same models (e.g. from
+            ``load_stacked(..., with_buffers=True)``). They are merged into the mapping that
+            ``target_fn`` receives, so ``functional_call(model, params, xb)`` in eval mode uses
+            each model's own BatchNorm running statistics. Without them, ``functional_call``
+            falls back to ``model``'s own buffers for every model.
 
     Returns:
         A ``[M, n_test]`` tensor of target values.
     """
     if not params:
         raise ValueError("params is empty.")
+    num = next(iter(params.values())).shape[0]
     device = next(iter(params.values())).device
+    state = dict(params)
+    if buffers:
+        clash = sorted(set(buffers) & set(params))
+        if clash:
+            raise ValueError(f"names {clash} are in both params and buffers.")
+        wrong = {n: tuple(b.shape[:1]) for n, b in buffers.items() if b.shape[:1] != (num,)}
+        if wrong:
+            raise ValueError(f"buffers must be stacked over the {num} models of params, got "
+                             f"leading shapes {wrong}.")
+        state.update({n: b.to(device) for n, b in buffers.items()})
     x, y = x.to(device), y.to(device)
     fn = torch.func.vmap(target_fn, in_dims=(0, None, None), chunk_size=model_chunk)
-    num = next(iter(params.values())).shape[0]
     was_training = model.training
     model.eval()
     outs = []
@@ -541,7 +754,7 @@ def evaluate_stacked(
         with torch.no_grad():
             for start in range(0, x.shape[0], chunk):
                 xb, yb = x[start:start + chunk], y[start:start + chunk]
-                out = fn(dict(params), xb, yb)
+                out = fn(state, xb, yb)
                 if out.shape != (num, xb.shape[0]):
                     raise ValueError(
                         f"target_fn must return one value per example ([{xb.shape[0]}] per "
@@ -581,6 +794,9 @@ class RetrainBuild:
         seed: training seed.
         init: ``"seeded"`` (each stream re-initializes the model) or ``"model"``.
         stream_ids: random stream of each model id (default: the model id).
+        strategy: ``"auto"`` (default), ``"stacked"`` or ``"sequential"``; see
+            :func:`train_stacked`. :func:`retrain` resolves it once per call
+            (:meth:`resolve_strategy`); sequential blocks also store the models' buffers.
     """
 
     model: nn.Module
@@ -599,10 +815,17 @@ class RetrainBuild:
     seed: int = 0
     init: str = "seeded"
     stream_ids: Sequence[int] | Tensor | None = None
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_strategy(self.strategy)
         self.masks = _check_masks(self.masks, self.x.shape[0])
         self.stream_ids = _as_ids(self.stream_ids, self.masks.shape[0], "stream_ids")
+
+    def resolve_strategy(self) -> str:
+        """``"stacked"`` or ``"sequential"``: the path :func:`train_stacked` takes for this
+        build (``"auto"`` probes the model once; see :func:`train_stacked`)."""
+        return _resolve_strategy(self.model, self.loss_fn, self.x, self.y, self.strategy)
 
     @property
     def num_models(self) -> int:
@@ -617,10 +840,23 @@ class RetrainBuild:
             betas=tuple(self.betas), eps=self.eps, seed=self.seed, init=self.init,
         )
 
-    def fingerprint(self) -> str:
-        """Hash of the configuration blocks are checked against (data, recipe, architecture)."""
+    def fingerprint(self, strategy: str | None = None) -> str:
+        """Hash of the configuration blocks are checked against (data, recipe, architecture).
+
+        Args:
+            strategy: the resolved strategy (``"stacked"`` or ``"sequential"``), if known;
+                default :meth:`resolve_strategy`. Builds that resolve to the stacked path keep
+                the fingerprint they had before the sequential path existed; sequential builds
+                also hash the strategy, the buffer names/shapes/dtypes and, with
+                ``init="model"``, the initial buffer values.
+        """
+        if strategy is None:
+            strategy = self.resolve_strategy()
+        if strategy not in ("stacked", "sequential"):
+            raise ValueError(f"strategy must be resolved ('stacked' or 'sequential'), got "
+                             f"{strategy!r}.")
         h = hashlib.sha256()
-        spec = {
+        spec: dict[str, Any] = {
             "train": {k: list(v) if isinstance(v, tuple) else v
                       for k, v in self.train_kwargs().items()},
             "params": [[n, list(p.shape), str(p.dtype), p.requires_grad]
@@ -628,10 +864,17 @@ class RetrainBuild:
             "model": type(self.model).__qualname__,
             "data": [[list(t.shape), str(t.dtype)] for t in (self.x, self.y)],
         }
+        sequential = strategy == "sequential"
+        if sequential:
+            spec["strategy"] = strategy
+            spec["buffers"] = [[n, list(b.shape), str(b.dtype)]
+                               for n, b in self.model.named_buffers()]
         h.update(json.dumps(spec, sort_keys=True).encode())
         tensors = [self.x, self.y]
         if self.init == "model":
             tensors += [p for _, p in self.model.named_parameters()]
+            if sequential:
+                tensors += [b for _, b in self.model.named_buffers()]
         for t in tensors:
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()[:32]
@@ -745,12 +988,14 @@ def _subset_indices(masks: Tensor) -> Tensor:
 
 def _write_block(
     path: Path, params: Mapping[str, Tensor], ids: list[int], streams: list[int],
-    masks: Tensor, metadata: dict[str, str],
+    masks: Tensor, metadata: dict[str, str], buffers: Mapping[str, Tensor] | None = None,
 ) -> None:
     for name in params:
-        if name in _RESERVED:
+        if name in _RESERVED or name.startswith(_BUFFER_PREFIX):
             raise ValueError(f"parameter name {name!r} is reserved by the block format.")
     tensors = {name: p.detach().cpu().contiguous() for name, p in params.items()}
+    for name, b in (buffers or {}).items():
+        tensors[_BUFFER_PREFIX + name] = b.detach().cpu().contiguous()
     tensors[_IDS_KEY] = torch.tensor(ids, dtype=torch.int64)
     tensors[_STREAMS_KEY] = torch.tensor(streams, dtype=torch.int64)
     tensors[_SUBSETS_KEY] = _subset_indices(masks)
@@ -795,8 +1040,12 @@ def retrain(
     folder, then ``os.replace``) to ``out_dir/{kind}/block-{b:05d}.safetensors`` with the
     stacked parameters (keys = parameter names), the model ids, stream ids and subset indices
     (``__model_ids__``, ``__stream_ids__``, ``__subset_indices__``) and the configuration
-    fingerprint. On rerun, blocks on disk are checked against ``build`` (a mismatch is an
-    error) and skipped; leftover temporary files of interrupted writes are removed.
+    fingerprint. When ``build`` resolves to the sequential path (buffers that change in
+    training mode, e.g. BatchNorm, or ``strategy="sequential"``; see :func:`train_stacked`),
+    the block also holds every model's buffers, stacked, under ``__buffer__.{name}`` (the
+    metadata ``strategy`` says which path trained it). On rerun, blocks on disk are checked
+    against ``build`` (a mismatch is an error) and skipped; leftover temporary files of
+    interrupted writes are removed.
 
     Do not run two processes on overlapping blocks at the same time; disjoint ``shard`` values
     (or ``models`` ranges on block boundaries) split the work without coordination.
@@ -820,7 +1069,8 @@ def retrain(
     directory = Path(out_dir) / kind
     directory.mkdir(parents=True, exist_ok=True)
     blocks = _select_blocks(build.num_models, block_size, models, shard)
-    fingerprint = build.fingerprint()
+    strategy = build.resolve_strategy()
+    fingerprint = build.fingerprint(strategy)
     result = RetrainResult(kind=kind, directory=directory)
     todo = []
     for block in blocks:
@@ -833,7 +1083,7 @@ def retrain(
     metadata = {
         "format": _FORMAT, "kind": kind, "block_size": str(block_size),
         "num_models": str(build.num_models), "n_train": str(build.masks.shape[1]),
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint, "strategy": strategy,
         "recipe": json.dumps({k: list(v) if isinstance(v, tuple) else v
                               for k, v in build.train_kwargs().items()}),
     }
@@ -847,12 +1097,14 @@ def retrain(
             ids = _block_ids(block, block_size, build.num_models)
             streams = [build.stream_ids[i] for i in ids]
             _remove_stale_temps(directory, block)
-            params = train_stacked(
+            params, buffers = train_stacked(
                 build.model, build.loss_fn, build.x, build.y, build.masks[ids],
                 model_ids=ids, stream_ids=streams, **build.train_kwargs(),
+                strategy=strategy, return_buffers=True,
             )
             _write_block(_block_path(directory, block), params, ids, streams,
-                         build.masks[ids], {**metadata, "block": str(block)})
+                         build.masks[ids], {**metadata, "block": str(block)},
+                         buffers if strategy == "sequential" else None)
             result.trained.append(block)
             bar.update(len(ids))
     return result
@@ -906,17 +1158,28 @@ def _needed_blocks(
 
 
 def load_stacked(
-    out_dir: str | os.PathLike[str], kind: str, models: ModelRange | None = None
-) -> tuple[dict[str, Tensor], Tensor]:
+    out_dir: str | os.PathLike[str],
+    kind: str,
+    models: ModelRange | None = None,
+    *,
+    with_buffers: bool = False,
+) -> tuple[dict[str, Tensor], Tensor] | tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """Gather the blocks of ``out_dir/kind`` into stacked parameters, in model-id order.
 
     Args:
         out_dir: root folder of the build (as given to :func:`retrain`).
         kind: the kind of models.
         models: only these ids (``slice(a, b)``, ``(a, b)`` or ``"a:b"``); default all.
+        with_buffers: also return the stacked buffers.
 
     Returns:
-        ``(params, model_ids)``: ``{name: [M, ...]}`` and the ``[M]`` ids.
+        ``(params, model_ids)``: ``{name: [M, ...]}`` (parameters only) and the ``[M]`` ids.
+        With ``with_buffers=True``, ``(params, buffers, model_ids)``: ``buffers`` is
+        ``{name: [M, ...]}`` keyed by the plain buffer names (e.g. ``bn.running_mean``,
+        ``bn.num_batches_tracked``) for blocks trained by the sequential path, and ``{}`` for
+        blocks trained by the stacked path (their buffers are the model's own, unchanged).
+        ``{**params, **buffers}`` of one model is a full state dict for ``functional_call``;
+        pass ``buffers`` to :func:`evaluate_stacked`.
 
     Raises:
         FileNotFoundError: if blocks are missing (the message names the missing id ranges and
@@ -925,14 +1188,26 @@ def load_stacked(
     _check_kind(kind)
     blocks, start, stop, _ = _needed_blocks(Path(out_dir) / kind, kind, models)
     parts: dict[str, list[Tensor]] = {}
+    names = None
     for _, path in blocks:
-        for name, tensor in load_file(str(path)).items():
+        tensors = load_file(str(path))
+        if names is None:
+            names = set(tensors)
+        elif set(tensors) != names:
+            raise ValueError(f"{path} holds other tensors than the first block "
+                             f"(differs in {sorted(set(tensors) ^ names)}).")
+        for name, tensor in tensors.items():
             if name not in (_STREAMS_KEY, _SUBSETS_KEY):
                 parts.setdefault(name, []).append(tensor)
     stacked = {name: torch.cat(ts) for name, ts in parts.items()}
     ids = stacked.pop(_IDS_KEY)
     keep = (ids >= start) & (ids < stop)
-    return {name: t[keep] for name, t in stacked.items()}, ids[keep]
+    params = {n: t[keep] for n, t in stacked.items() if not n.startswith(_BUFFER_PREFIX)}
+    if not with_buffers:
+        return params, ids[keep]
+    buffers = {n[len(_BUFFER_PREFIX):]: t[keep] for n, t in stacked.items()
+               if n.startswith(_BUFFER_PREFIX)}
+    return params, buffers, ids[keep]
 
 
 def load_subsets(
@@ -1008,7 +1283,7 @@ def retrain_lds(
         block_size: models per block.
         progress: show a progress bar.
         **train_kwargs: further :class:`RetrainBuild` fields (``momentum``, ``weight_decay``,
-            ``optimizer``, ``betas``, ``eps``, ``init``).
+            ``optimizer``, ``betas``, ``eps``, ``init``, ``strategy``).
 
     Returns:
         The :class:`RetrainResult`.

@@ -1,0 +1,65 @@
+"""Results tables and charts of a benchmark run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["results_chart", "results_markdown"]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The results as a Markdown table (best value per metric over the settings tried)."""
+    title = (f"### {results['setting']} (n_train={results['n_train']}, "
+             f"n_test={results['n_test']}"
+             f"{', hyperparameter search' if results.get('search') else ''}"
+             f"{', smoke' if results['smoke'] else ''})")
+    lines = [title, "", "| method | LDS | LOO | AUC | seconds | peak RSS (MB) | settings |",
+             "|---|---|---|---|---|---|---|"]
+    for row in results["methods"]:
+        if "error" in row:
+            lines.append(f"| {row['method']} | error: {row['error'][:80]} | | | | | |")
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in (row.get("params") or {}).items())
+        lines.append(f"| {row['method']} | {_fmt(row.get('lds'))} | {_fmt(row.get('loo'))} | "
+                     f"{_fmt(row.get('auc'))} | {_fmt(row.get('seconds'), 1)} | "
+                     f"{_fmt(row.get('peak_rss_mb'), 0)} | {params} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_chart(results: dict[str, Any], path: str | Path) -> Path | None:
+    """Write a PNG: LDS per method, and runtime against LDS. ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in results["methods"] if r.get("lds") is not None]
+    if not rows:
+        return None
+    names = [r["method"] for r in rows]
+    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(11, 4))
+    bars.bar(names, [r["lds"] for r in rows], color="#ff9d00")
+    bars.set_ylabel("LDS (Spearman)")
+    bars.set_title(f"{results['setting']}: LDS per method")
+    bars.tick_params(axis="x", rotation=45)
+    bars.axhline(0, color="black", linewidth=0.8)
+    scatter.scatter([r["seconds"] for r in rows], [r["lds"] for r in rows], color="#1f6feb")
+    for r in rows:
+        scatter.annotate(r["method"], (r["seconds"], r["lds"]), fontsize=8,
+                         xytext=(3, 3), textcoords="offset points")
+    scatter.set_xscale("log")
+    scatter.set_xlabel("cache + attribute (s, log scale)")
+    scatter.set_ylabel("LDS")
+    scatter.set_title("runtime vs LDS")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
