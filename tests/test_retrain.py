@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 import hf_attrib.model_utils.retraining as rt
@@ -417,7 +418,7 @@ def test_batchnorm_block_member_equals_model_trained_alone():
     x, y = _images()
     masks = lds_subsets(N_TRAIN, 3, seed=2)
     ids = [10, 11, 12]
-    kwargs = dict(RECIPE, init="seeded", return_buffers=True)
+    kwargs = dict(RECIPE, epochs=2, init="seeded", return_buffers=True)
     params, buffers = train_stacked(model, loss_fn, x, y, masks, model_ids=ids, **kwargs)
     for k in range(3):
         p, b = train_stacked(model, loss_fn, x, y, masks[k:k + 1], model_ids=[ids[k]], **kwargs)
@@ -476,7 +477,7 @@ def test_batchnorm_kill_and_resume_is_bitwise_identical(tmp_path, monkeypatch):
     params, ids = load_stacked(tmp_path / "full", "lds")
     assert set(params) == {"0.weight", "0.bias", "1.weight", "1.bias", "5.weight", "5.bias"}
     _assert_equal(params, ref_params)
-    with rt.safe_open(str(tmp_path / "full" / "lds" / "block-00000.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "full" / "lds" / "block-00000.safetensors"), "pt") as f:
         assert "__buffer__.1.running_var" in set(f.keys())
         assert f.metadata()["strategy"] == "sequential"
 

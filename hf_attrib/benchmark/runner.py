@@ -16,6 +16,7 @@ For a classification setting the runner
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -47,11 +48,23 @@ from hf_attrib.benchmark.models import (
     LogisticRegressionModel,
     MLPConfig,
     MLPModel,
+    MusicTransformerConfig,
+    MusicTransformerForCausalLM,
+    NanoGPTForCausalLM,
     ResNet9Config,
     ResNet9Model,
+    nanogpt_config,
 )
+from hf_attrib.benchmark.music import NUM_MIDI_EVENTS, build_maestro, build_maestro_test_set
 from hf_attrib.benchmark.report import results_chart, results_markdown
 from hf_attrib.benchmark.settings import BenchmarkSetting, get_setting
+from hf_attrib.benchmark.text import (
+    SHAKESPEARE_NEW_TOKENS,
+    SHAKESPEARE_PROMPT_LEN,
+    build_generated_test_set,
+    build_shakespeare,
+    load_shakespeare_text,
+)
 from hf_attrib.metrics import lds, loo_corr, mislabel_detection_auc
 from hf_attrib.model_utils.retraining import (
     evaluate_stacked,
@@ -61,7 +74,7 @@ from hf_attrib.model_utils.retraining import (
     retrain_loo,
     train_stacked,
 )
-from hf_attrib.task import AttributionTask
+from hf_attrib.task import AttributionTask, _check_state_dict
 
 __all__ = ["METHODS", "build_ground_truth", "prepare", "results_markdown", "run_benchmark"]
 
@@ -73,17 +86,20 @@ _TRACIN_CHECKPOINTS = 5
 # --------------------------------------------------------------------------------------------
 # Models and functions
 # --------------------------------------------------------------------------------------------
-def build_model(setting: BenchmarkSetting) -> nn.Module:
+def build_model(setting: BenchmarkSetting, vocab_size: int | None = None) -> nn.Module:
     """A freshly initialised model of the setting (seeded)."""
     torch.manual_seed(setting.seed)
+    if setting.model == "nanogpt":
+        return NanoGPTForCausalLM(nanogpt_config(vocab_size=vocab_size, **setting.model_kwargs))
+    if setting.model == "music_transformer":
+        return MusicTransformerForCausalLM(MusicTransformerConfig(**setting.model_kwargs))
     if setting.model == "logistic_regression":
         return LogisticRegressionModel(LogisticRegressionConfig(**setting.model_kwargs))
     if setting.model == "mlp":
         return MLPModel(MLPConfig(**setting.model_kwargs))
     if setting.model == "resnet9":
         return ResNet9Model(ResNet9Config(**setting.model_kwargs))
-    raise NotImplementedError(f"`bench run` supports the classification settings on LR and MLP "
-                              f"models in this version, not {setting.name} ({setting.model}).")
+    raise NotImplementedError(f"no model family {setting.model!r} (setting {setting.name}).")
 
 
 def _margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -114,8 +130,74 @@ def classification_functions(model: nn.Module) -> dict[str, Callable[..., Tensor
     }
 
 
-def _unstack(params: dict[str, Tensor], i: int) -> dict[str, Tensor]:
-    return {k: v[i].clone() for k, v in params.items()}
+def _sequence_log_likelihood(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-sequence sum of ``log p(label_t+1 | prefix)`` over positions not labelled -100."""
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    target = labels[:, 1:]
+    mask = target != -100
+    picked = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0]
+    return (picked * mask).sum(dim=-1)
+
+
+def generation_functions(model: nn.Module) -> dict[str, Callable[..., Tensor]]:
+    """Causal-LM loss and log-likelihood target on ``(input_ids, labels)`` batches."""
+
+    def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, params, (x,)).logits
+
+    def mean_token_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = logits(params, x)
+        target = y[:, 1:]
+        mask = target != -100
+        nll = -_sequence_log_likelihood(out, y)
+        return nll.sum() / mask.sum().clamp_min(1)
+
+    return {
+        "loss": lambda p, b: mean_token_loss(p, b[0], b[1]),
+        "margin": lambda p, b: _sequence_log_likelihood(logits(p, b[0]), b[1]).mean(),
+        "prob": None,
+        "train_loss": mean_token_loss,
+        "target": lambda p, x, y: _sequence_log_likelihood(logits(p, x), y),
+    }
+
+
+Stacked = tuple[dict[str, Tensor], dict[str, Tensor]]  # (params, buffers), each [M, ...]
+
+
+def _unstack(models: Stacked, i: int) -> dict[str, Tensor]:
+    """The state dict (parameters and buffers) of stacked model ``i``."""
+    params, buffers = models
+    return {k: v[i].clone() for k, v in {**params, **buffers}.items()}
+
+
+def _select(models: Stacked, ids: Sequence[int]) -> Stacked:
+    params, buffers = models
+    return ({k: v[ids] for k, v in params.items()}, {k: v[ids] for k, v in buffers.items()})
+
+
+def _load(gt_dir: Path, kind: str) -> Stacked:
+    params, buffers, _ = load_stacked(gt_dir, kind, with_buffers=True)
+    return params, buffers
+
+
+def _train(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Tensor, seed: int,
+           recipe: dict[str, Any], **kwargs: Any) -> Stacked:
+    """One model on all of ``x`` (sequentially when it has batch-norm statistics)."""
+    mask = torch.ones(1, x.shape[0], dtype=torch.bool)
+    return train_stacked(model, loss, x, y, mask, seed=seed, return_buffers=True,
+                         **{**recipe, **kwargs})
+
+
+def _evaluate(model: nn.Module, models: Stacked, x: Tensor, y: Tensor,
+              target: Callable[..., Tensor]) -> Tensor:
+    params, buffers = models
+    return evaluate_stacked(model, params, x, y, target, chunk=64, buffers=buffers or None)
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """``load_state_dict`` that accepts tied weights stored once (checked, not silent)."""
+    _check_state_dict(model, state, "trained state")
+    model.load_state_dict(state, strict=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +266,7 @@ def make_attributor(method: str, task: AttributionTask, fns: dict[str, Callable[
     if method == "rps":
         return RPSAttributor(task=task, device=device, final_linear_layer_name="classifier", **hp)
     if method.startswith("trak-"):
-        return TRAKAttributor(task=task, device=device, correct_probability_func=fns["prob"],
+        return TRAKAttributor(task=task, device=device, correct_probability_func=fns.get("prob"),
                               projector_kwargs={"proj_dim": hp["proj_dim"]},
                               regularization=hp["relative_regularization"] * n_train)
     raise KeyError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}.")
@@ -216,7 +298,8 @@ class _PeakRSS:
 # Smoke runs shrink the data, the number of models and the architectures' widths.
 _SMOKE_MODEL = {
     "resnet9": dict(stem_channels=8, hidden_sizes=(16, 32, 64)),
-    "music_transformer": dict(num_layers=2, num_heads=2, d_model=32, dim_feedforward=64),
+    "music_transformer": dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
+                              intermediate_size=64, max_position_embeddings=64),
     "nanogpt": dict(n_layer=1, n_head=2, n_embd=32, block_size=32),
 }
 
@@ -224,8 +307,9 @@ _SMOKE_MODEL = {
 def _smoke(setting: BenchmarkSetting) -> BenchmarkSetting:
     train = replace(setting.train, epochs=min(setting.train.epochs, 3))
     model_kwargs = {**setting.model_kwargs, **_SMOKE_MODEL.get(setting.model, {})}
+    extra = {**setting.extra, "seq_len": 32} if "seq_len" in setting.extra else setting.extra
     return replace(setting, n_train=min(setting.n_train, 120), n_test=min(setting.n_test, 12),
-                   lds_models=8, train=train, model_kwargs=model_kwargs)
+                   lds_models=8, train=train, model_kwargs=model_kwargs, extra=extra)
 
 
 @dataclass
@@ -245,15 +329,29 @@ class Prepared:
 
 
 def prepare(setting: str | BenchmarkSetting, data_dir: str | Path | None = None,
-            smoke: bool = False) -> Prepared:
-    """Build the data, model, functions and training recipe of a setting."""
+            smoke: bool = False, cache_dir: str | Path | None = None) -> Prepared:
+    """Build the data, model, functions and training recipe of a setting.
+
+    For generative settings the test set is generated by the trained model, so ``xt``/``yt``
+    are ``None`` until :func:`generated_test_set` fills them.
+    """
     setting = get_setting(setting) if isinstance(setting, str) else setting
     if smoke:
         setting = _smoke(setting)
-    data = build_data(setting, data_dir)
-    x, y = BenchmarkData.tensors(data.train)
-    xt, yt = BenchmarkData.tensors(data.test)
-    model = build_model(setting)
+    if setting.kind == "generation":
+        data, vocab_size = _generation_data(setting, data_dir, cache_dir, smoke)
+        setting = replace(setting, n_train=len(data.train))
+        columns = data.train.with_format("torch")[:]
+        x, y = columns["input_ids"].long(), columns["labels"].long()
+        xt = yt = None
+        model = build_model(setting, vocab_size)
+        fns = generation_functions(model)
+    else:
+        data = build_data(setting, data_dir)
+        x, y = BenchmarkData.tensors(data.train)
+        xt, yt = BenchmarkData.tensors(data.test)
+        model = build_model(setting)
+        fns = classification_functions(model)
     # Blocks of models trained together (and written together): as many as keep the stacked
     # parameters within ~64 MB, so small models train hundreds at a time.
     n_params = sum(p.numel() for p in model.parameters())
@@ -262,8 +360,51 @@ def prepare(setting: str | BenchmarkSetting, data_dir: str | Path | None = None,
                   lr=setting.train.lr, momentum=setting.train.momentum,
                   weight_decay=setting.train.weight_decay, optimizer=setting.train.optimizer,
                   betas=setting.train.betas)
-    return Prepared(setting, data, x, y, xt, yt, model, classification_functions(model), recipe,
-                    block_size)
+    return Prepared(setting, data, x, y, xt, yt, model, fns, recipe, block_size)
+
+
+def _generation_data(setting: BenchmarkSetting, data_dir: str | Path | None,
+                     cache_dir: str | Path | None, smoke: bool) -> tuple[BenchmarkData, int]:
+    """Training windows/blocks and held-out prompts of a generative setting, and the vocab."""
+    if setting.dataset == "shakespeare":
+        text = load_shakespeare_text(data_dir)
+        train, validation, tokenizer = build_shakespeare(
+            text, block_size=setting.model_kwargs["block_size"], n_train=setting.n_train,
+            seed=setting.seed)
+        return BenchmarkData(train=train, test=validation), tokenizer.vocab_size
+    if setting.dataset == "maestro":
+        music = build_maestro(data_dir, n_train=setting.n_train,
+                              seq_len=setting.extra.get("seq_len", 256), seed=setting.seed,
+                              max_pieces=8 if smoke and data_dir is None else None,
+                              eval_stride=64 if data_dir is None else None,
+                              cache_dir=cache_dir)
+        return BenchmarkData(train=music.train, test=music.test), NUM_MIDI_EVENTS + 2
+    raise NotImplementedError(f"no data builder for {setting.dataset!r}.")
+
+
+def generated_test_set(prep: Prepared, state: dict[str, Tensor]) -> None:
+    """Fill ``prep.xt``/``prep.yt`` with samples of the model at ``state`` (paper, Sec. 3.3).
+
+    Shakespeare: held-out prompts continued by the model; MAESTRO: test-split prompts
+    continued by one event, as the paper does.
+    """
+    setting = prep.setting
+    model = copy.deepcopy(prep.model)
+    _load_state(model, state)
+    holdout = prep.data.test
+    if setting.dataset == "maestro":
+        seq_len = setting.extra.get("seq_len", 256)
+        test = build_maestro_test_set(model, holdout, n_test=min(setting.n_test, len(holdout)),
+                                      seed=setting.seed, prompt_len=seq_len - 1, new_tokens=1)
+    else:
+        block = setting.model_kwargs["block_size"]
+        prompt = min(SHAKESPEARE_PROMPT_LEN, block // 2)
+        test = build_generated_test_set(model, holdout, min(setting.n_test, len(holdout)),
+                                        prompt_len=prompt,
+                                        new_tokens=min(SHAKESPEARE_NEW_TOKENS, block - prompt),
+                                        seed=setting.seed)
+    columns = test.with_format("torch")[:]
+    prep.xt, prep.yt = columns["input_ids"].long(), columns["labels"].long()
 
 
 def _loo_index(setting: BenchmarkSetting, loo_examples: int | None) -> list[int]:
@@ -348,52 +489,57 @@ def run_benchmark(
     if smoke:
         setting = _smoke(setting)
         loo_examples = min(loo_examples or 20, 20)
+    methods_given = methods
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise KeyError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}.")
     out = Path(out_dir)
     gt_dir = out / "ground_truth"
-    prep = prepare(setting, data_dir)
+    prep = prepare(setting, data_dir, cache_dir=out / "cache")
+    setting = prep.setting
     data, model, fns, recipe = prep.data, prep.model, prep.fns, prep.recipe
-    x, y, xt, yt = prep.x, prep.y, prep.xt, prep.yt
+    x, y = prep.x, prep.y
     loo_index = _loo_index(setting, loo_examples)
+
+    # The full-data model (for LOO it shares its random stream with the LOO models). ---------
+    if "loo" in setting.metrics:
+        build_ground_truth(prep, gt_dir, "loo", loo_examples=loo_examples, progress=progress)
+        full = _load(gt_dir, "loo-full")
+    else:
+        full = _train(model, fns["train_loss"], x, y, setting.seed, recipe)
+    full_state = _unstack(full, 0)
+    if prep.xt is None:
+        generated_test_set(prep, full_state)
+    xt, yt = prep.xt, prep.yt
 
     # Ground truth (resumable: only missing blocks are trained). ------------------------------
     build_ground_truth(prep, gt_dir, "lds", progress=progress)
-    lds_params, _ = load_stacked(gt_dir, "lds")
+    lds_models = _load(gt_dir, "lds")
     masks, _ = load_subsets(gt_dir, "lds")
     gt_ids = list(setting.ground_truth_model_ids)
-    lds_values = evaluate_stacked(model, {k: v[gt_ids] for k, v in lds_params.items()}, xt, yt,
-                                  fns["target"])
+    lds_values = _evaluate(model, _select(lds_models, gt_ids), xt, yt, fns["target"])
     ground_truth: dict[str, Any] = {"lds": (lds_values, masks[gt_ids])}
     if "loo" in setting.metrics:
-        build_ground_truth(prep, gt_dir, "loo", loo_examples=loo_examples, progress=progress)
-        loo_params, _ = load_stacked(gt_dir, "loo")
-        full_params, _ = load_stacked(gt_dir, "loo-full")
-        ground_truth["loo"] = (evaluate_stacked(model, loo_params, xt, yt, fns["target"]),
+        ground_truth["loo"] = (_evaluate(model, _load(gt_dir, "loo"), xt, yt, fns["target"]),
                                torch.tensor(loo_index),
-                               evaluate_stacked(model, full_params, xt, yt, fns["target"])[0])
-    else:
-        full_params = train_stacked(model, fns["train_loss"], x, y,
-                                    torch.ones(1, setting.n_train, dtype=torch.bool),
-                                    seed=setting.seed, **recipe)
-    full_state = _unstack(full_params, 0)
+                               _evaluate(model, full, xt, yt, fns["target"])[0])
     trajectory = _trajectory(model, fns, x, y, setting, recipe)
     noisy_state = None
     if "auc" in setting.metrics:
         xn, yn = BenchmarkData.tensors(data.noisy_train)
-        noisy = train_stacked(model, fns["train_loss"], xn, yn,
-                              torch.ones(1, setting.n_train, dtype=torch.bool),
-                              seed=setting.seed, **recipe)
+        noisy = _train(model, fns["train_loss"], xn, yn, setting.seed, recipe)
         noisy_state = (_unstack(noisy, 0), DataLoader(TensorDataset(xn, yn), batch_size=250))
 
     # Methods. ---------------------------------------------------------------------------
-    train_loader = DataLoader(TensorDataset(x, y), batch_size=250)
-    test_loader = DataLoader(TensorDataset(xt, yt), batch_size=250)
+    batch = 250 if setting.kind == "classification" else 32
+    train_loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+    test_loader = DataLoader(TensorDataset(xt, yt), batch_size=batch)
+    if methods_given is None and setting.kind == "generation":
+        methods = [m for m in methods if m != "rps"]  # RPS needs a classification head
     rows = []
     for method in methods:
-        rows.append(_run_method(method, model, fns, full_state, trajectory, lds_params,
+        rows.append(_run_method(method, model, fns, full_state, trajectory, lds_models,
                                 setting, train_loader, test_loader, ground_truth, noisy_state,
                                 data, device, search))
     results = {
@@ -415,22 +561,19 @@ def _trajectory(model: nn.Module, fns: dict[str, Callable[..., Tensor]], x: Tens
     k = min(_TRACIN_CHECKPOINTS, setting.train.epochs)
     per = setting.train.epochs // k
     states = []
-    current = build_model(setting)
+    current = copy.deepcopy(model)
     for i in range(k):
         epochs = per if i < k - 1 else setting.train.epochs - per * (k - 1)
-        params = train_stacked(current, fns["train_loss"], x, y,
-                               torch.ones(1, x.shape[0], dtype=torch.bool),
-                               seed=setting.seed + 1000 + i, init="model",
-                               **{**recipe, "epochs": epochs})
-        state = _unstack(params, 0)
-        current.load_state_dict(state)
+        state = _unstack(_train(current, fns["train_loss"], x, y, setting.seed + 1000 + i,
+                                recipe, init="model", epochs=epochs), 0)
+        _load_state(current, state)
         states.append(state)
     return states
 
 
 def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tensor]],
                 full_state: dict[str, Tensor], trajectory: list[dict[str, Tensor]],
-                lds_params: dict[str, Tensor], setting: BenchmarkSetting,
+                lds_models: Stacked, setting: BenchmarkSetting,
                 train_loader: DataLoader, test_loader: DataLoader,
                 ground_truth: dict[str, Any], noisy_state: Any, data: BenchmarkData,
                 device: str, search: bool) -> dict[str, Any]:
@@ -440,7 +583,7 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
         checkpoints = trajectory
     elif method.startswith("trak-"):
         k = min(int(method.split("-")[1]), len(setting.ensemble_model_ids))
-        checkpoints = [_unstack(lds_params, i) for i in range(k)]
+        checkpoints = [_unstack(lds_models, i) for i in range(k)]
     else:
         checkpoints = [full_state]
     task = AttributionTask(loss_func=fns["loss"], model=model, checkpoints=checkpoints,

@@ -401,8 +401,9 @@ def generate_samples(
     sampling, so the result depends neither on ``batch_size`` nor on the device (up to
     floating point), and a longer ``max_new_tokens`` extends the same samples.
     Inputs longer than the model's context (``n_positions`` / ``max_position_embeddings``) are
-    cropped to their last tokens. Models that return ``past_key_values`` (GPT-2) are decoded
-    incrementally with their cache; others recompute the whole sequence every step. The model
+    cropped to their last tokens. Models that return a key/value cache (``cache``, or
+    ``past_key_values`` before ``transformers`` 5: GPT-2) are decoded incrementally with it;
+    others (the Music Transformer) recompute the whole sequence every step. The model
     is put in eval mode while sampling and restored afterwards.
 
     Args:
