@@ -175,17 +175,36 @@ def _select(models: Stacked, ids: Sequence[int]) -> Stacked:
     return ({k: v[ids] for k, v in params.items()}, {k: v[ids] for k, v in buffers.items()})
 
 
-def _load(gt_dir: Path, kind: str) -> Stacked:
+def _persistent(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]
+                ) -> Stacked:
+    """Drop non-persistent buffers (e.g. attention masks): they are not part of a state."""
+    keys = model.state_dict().keys()
+    return params, {k: v for k, v in buffers.items() if k in keys}
+
+
+def _load(model: nn.Module, gt_dir: Path, kind: str) -> Stacked:
     params, buffers, _ = load_stacked(gt_dir, kind, with_buffers=True)
-    return params, buffers
+    return _persistent(model, params, buffers)
 
 
 def _train(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Tensor, seed: int,
-           recipe: dict[str, Any], **kwargs: Any) -> Stacked:
-    """One model on all of ``x`` (sequentially when it has batch-norm statistics)."""
+           recipe: dict[str, Any], start: dict[str, Tensor] | None = None,
+           **kwargs: Any) -> Stacked:
+    """One model on all of ``x``, from ``start`` (default: the model's current weights).
+
+    ``loss`` calls ``model`` itself, so ``model`` is trained in place of a copy and its
+    weights are restored afterwards. Batch-norm models train sequentially, keeping buffers.
+    """
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if start is not None:
+        _load_state(model, start)
     mask = torch.ones(1, x.shape[0], dtype=torch.bool)
-    return train_stacked(model, loss, x, y, mask, seed=seed, return_buffers=True,
-                         **{**recipe, **kwargs})
+    try:
+        params, buffers = train_stacked(model, loss, x, y, mask, seed=seed, return_buffers=True,
+                                        init="model", **{**recipe, **kwargs})
+        return _persistent(model, params, buffers)
+    finally:
+        model.load_state_dict(saved)
 
 
 def _evaluate(model: nn.Module, models: Stacked, x: Tensor, y: Tensor,
@@ -230,6 +249,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "grad-cos": {},
     "rps": {"l2_strength": 1e-3, "normalize_preactivate": True},
     "trak": {"proj_dim": 512, "relative_regularization": 1e-1},
+}
+
+
+# Smoke runs check the pipeline, not the methods: their solvers run a few iterations only.
+_SMOKE_PARAMS: dict[str, dict[str, Any]] = {
+    "if-cg": {"max_iter": 3},
+    "if-lissa": {"recursion_depth": 10, "batch_size": 10},
+    "if-arnoldi": {"max_iter": 10},
 }
 
 
@@ -505,7 +532,7 @@ def run_benchmark(
     # The full-data model (for LOO it shares its random stream with the LOO models). ---------
     if "loo" in setting.metrics:
         build_ground_truth(prep, gt_dir, "loo", loo_examples=loo_examples, progress=progress)
-        full = _load(gt_dir, "loo-full")
+        full = _load(model, gt_dir, "loo-full")
     else:
         full = _train(model, fns["train_loss"], x, y, setting.seed, recipe)
     full_state = _unstack(full, 0)
@@ -515,13 +542,13 @@ def run_benchmark(
 
     # Ground truth (resumable: only missing blocks are trained). ------------------------------
     build_ground_truth(prep, gt_dir, "lds", progress=progress)
-    lds_models = _load(gt_dir, "lds")
+    lds_models = _load(model, gt_dir, "lds")
     masks, _ = load_subsets(gt_dir, "lds")
     gt_ids = list(setting.ground_truth_model_ids)
     lds_values = _evaluate(model, _select(lds_models, gt_ids), xt, yt, fns["target"])
     ground_truth: dict[str, Any] = {"lds": (lds_values, masks[gt_ids])}
     if "loo" in setting.metrics:
-        ground_truth["loo"] = (_evaluate(model, _load(gt_dir, "loo"), xt, yt, fns["target"]),
+        ground_truth["loo"] = (_evaluate(model, _load(model, gt_dir, "loo"), xt, yt, fns["target"]),
                                torch.tensor(loo_index),
                                _evaluate(model, full, xt, yt, fns["target"])[0])
     trajectory = _trajectory(model, fns, x, y, setting, recipe)
@@ -541,7 +568,7 @@ def run_benchmark(
     for method in methods:
         rows.append(_run_method(method, model, fns, full_state, trajectory, lds_models,
                                 setting, train_loader, test_loader, ground_truth, noisy_state,
-                                data, device, search))
+                                data, device, search, smoke))
     results = {
         "setting": setting.name, "smoke": smoke, "search": search,
         "n_train": setting.n_train, "n_test": setting.n_test,
@@ -560,14 +587,12 @@ def _trajectory(model: nn.Module, fns: dict[str, Callable[..., Tensor]], x: Tens
     """Checkpoints along one training run (for TracInCP), every ``epochs / k`` epochs."""
     k = min(_TRACIN_CHECKPOINTS, setting.train.epochs)
     per = setting.train.epochs // k
-    states = []
-    current = copy.deepcopy(model)
+    states: list[dict[str, Tensor]] = []
     for i in range(k):
         epochs = per if i < k - 1 else setting.train.epochs - per * (k - 1)
-        state = _unstack(_train(current, fns["train_loss"], x, y, setting.seed + 1000 + i,
-                                recipe, init="model", epochs=epochs), 0)
-        _load_state(current, state)
-        states.append(state)
+        start = states[-1] if states else None
+        states.append(_unstack(_train(model, fns["train_loss"], x, y, setting.seed + 1000 + i,
+                                      recipe, start=start, epochs=epochs), 0))
     return states
 
 
@@ -576,7 +601,7 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
                 lds_models: Stacked, setting: BenchmarkSetting,
                 train_loader: DataLoader, test_loader: DataLoader,
                 ground_truth: dict[str, Any], noisy_state: Any, data: BenchmarkData,
-                device: str, search: bool) -> dict[str, Any]:
+                device: str, search: bool, smoke: bool = False) -> dict[str, Any]:
     """Evaluate one method: each hyperparameter setting of the grid (``search``) or the
     default, reporting for every metric the best value over the settings, as the paper does."""
     if method == "tracin":
@@ -594,6 +619,8 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
         loss_func=fns["loss"], model=model, checkpoints=[noisy_state[0]],
         target_func=fns["margin"])
     grid = SEARCH[_family(method)] if search else [DEFAULTS[_family(method)]]
+    if smoke:
+        grid = [{**params, **_SMOKE_PARAMS.get(method, {})} for params in grid]
     trials = []
     for params in grid:
         trial: dict[str, Any] = {"params": params}
