@@ -523,7 +523,7 @@ def run_benchmark(
         raise KeyError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}.")
     out = Path(out_dir)
     gt_dir = out / "ground_truth"
-    prep = prepare(setting, data_dir, cache_dir=out / "cache")
+    prep = prepare(setting, data_dir, smoke=smoke, cache_dir=out / "cache")
     setting = prep.setting
     data, model, fns, recipe = prep.data, prep.model, prep.fns, prep.recipe
     x, y = prep.x, prep.y
