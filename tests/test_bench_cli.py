@@ -114,3 +114,15 @@ def test_killed_ground_truth_build_resumes_to_the_same_result(tmp_path):
     want, _ = load_stacked(reference / "ground_truth", "lds")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_ground_truth_of_another_training_set_size_is_refused(tmp_path):
+    out = str(tmp_path / "gt")
+    built = _cli("bench", "ground-truth", "digits-lr", "--kind", "lds", "--smoke",
+                 "--no-progress", "--out", out)
+    assert built.returncode == 0, built.stderr
+    full = _cli("bench", "ground-truth", "digits-lr", "--kind", "lds", "--no-progress",
+                "--out", out)
+    assert full.returncode == 2
+    assert "was built for 120 training examples but this setting has 1000" in full.stderr
