@@ -126,8 +126,12 @@ class IFAttributorExplicit(_IFBase):
             rows = slice(start, start + self.rhs_chunk_size)
             hessian[rows] = matvec(eye[rows]).double()
         hessian = (hessian + hessian.T) / 2  # symmetric up to round-off
-        hessian += self.regularization * torch.eye(d, dtype=torch.float64, device=self.device)
-        return torch.linalg.inv(hessian)
+        if self.regularization > 0:
+            hessian += self.regularization * torch.eye(d, dtype=torch.float64, device=self.device)
+            return torch.linalg.inv(hessian)
+        # Unregularised Hessians are often singular (softmax cross-entropy is invariant to a
+        # shift shared by all classes): invert on the range, as the gradients live there.
+        return torch.linalg.pinv(hessian, hermitian=True)
 
     def _transform_test(self, fns: CheckpointFunctions, state: Tensor, feats: Tensor) -> Tensor:
         return (feats.double() @ state).to(feats.dtype)
