@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["lr", "mlp"], default=None)
     parser.add_argument("--lr-epochs", type=int, default=20)
     parser.add_argument("--mlp-epochs", type=int, default=50)
-    parser.add_argument("--loss", choices=sorted(LOSSES), default="ce",
+    parser.add_argument("--loss", choices=sorted(LOSSES), default="lse",
                         help="ce: F.cross_entropy; lse: the same loss via logsumexp")
     parser.add_argument("--block-size", type=int, default=10, help="retrain() block size")
     args = parser.parse_args()
