@@ -830,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep checkpoints, logs and scores here (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="with --workdir: keep the finished runs found there (same sizes "
+                             "and models) and run only the missing ones")
     # internal: child processes
     parser.add_argument("--_prepare", metavar="CASE", help=argparse.SUPPRESS)
     parser.add_argument("--_run", nargs=3, metavar=("LIB", "CASE", "METHOD"),
@@ -894,8 +897,11 @@ def main(argv: list[str] | None = None) -> int:
             size_args = [a for k, v in sizes.items() if v is not None
                          for a in (f"--{k.replace('_', '-').replace('train-batch', 'batch')}",
                                    str(v))]
-            outcome, wall, _ = _spawn(me + common + size_args + ["--_prepare", case], log, 1800,
-                                      args.threads)
+            if args.resume and (workdir / f"{case}-info.json").exists():
+                outcome, wall = "ok", 0.0  # reuse the checkpoints already there
+            else:
+                outcome, wall, _ = _spawn(me + common + size_args + ["--_prepare", case], log,
+                                          1800, args.threads)
             if outcome != "ok":
                 print(log.read_text()[-3000:])
                 raise SystemExit(f"[bench] preparing {case} failed ({outcome}); log: {log}")
@@ -907,6 +913,12 @@ def main(argv: list[str] | None = None) -> int:
             for method in methods[case]:
                 for lib in libs:
                     res_path = workdir / "runs" / f"{lib}-{case}-{method}.json"
+                    if args.resume and res_path.exists():
+                        done = json.loads(res_path.read_text())
+                        if done.get("finished"):
+                            results[(lib, case, method)] = done
+                            print(f"[bench] {lib:9s} {case:10s} {method:10s} (from {res_path})")
+                            continue
                     log = res_path.with_suffix(".log")
                     cmd = me + common + ["--_run", lib, case, method, "--_result", str(res_path)]
                     load = os.getloadavg()[0]
@@ -934,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
                         tail = log.read_text()[-300:].strip().splitlines()
                         res["reason"] = res.get("reason") or (
                             f"{outcome}: {tail[-1] if tail else ''}"[:200])
+                    res["finished"] = True
+                    res_path.write_text(json.dumps(res, indent=1))
                     results[(lib, case, method)] = res
                     msg = (f"cache+attribute {_fmt_s(res.get('cache_attribute_s'))}s, "
                            f"self_attribute {_fmt_s(res.get('self_attribute_s'))}s, "
