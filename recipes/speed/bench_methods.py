@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+# Measure the hf_attrib of this checkout, whatever an editable install elsewhere points to.
+if str(HERE.parents[1]) not in sys.path and (HERE.parents[1] / "hf_attrib").is_dir():
+    sys.path.insert(0, str(HERE.parents[1]))
 LIBS = ("hf_attrib", "dattri")
 LAST_BLOCK = "transformer.h.{last}"  # the last transformer block (transformer.h.5 in full)
 
@@ -830,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep checkpoints, logs and scores here (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render-only", action="store_true",
+                        help="with --workdir: only build the table from the finished runs there")
     parser.add_argument("--resume", action="store_true",
                         help="with --workdir: keep the finished runs found there (same sizes "
                              "and models) and run only the missing ones")
@@ -869,6 +874,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown methods {sorted(unknown)}")
 
     tmp = None
+    if args.render_only:
+        args.resume = True
+        if args.workdir is None:
+            parser.error("--render-only needs --workdir")
     if args.workdir is None:
         tmp = tempfile.mkdtemp(prefix="hf_attrib_bench_")
         workdir = Path(tmp)
@@ -919,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
                             results[(lib, case, method)] = done
                             print(f"[bench] {lib:9s} {case:10s} {method:10s} (from {res_path})")
                             continue
+                    if args.render_only:
+                        continue  # shown as "-": not run
                     log = res_path.with_suffix(".log")
                     cmd = me + common + ["--_run", lib, case, method, "--_result", str(res_path)]
                     load = os.getloadavg()[0]

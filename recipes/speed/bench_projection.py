@@ -27,9 +27,13 @@ from pathlib import Path
 
 import torch
 
-from hf_attrib.func.projection import make_projector
-
 HERE = Path(__file__).resolve().parent
+# Measure the hf_attrib of this checkout, whatever an editable install elsewhere points to.
+if (HERE.parents[1] / "hf_attrib").is_dir():
+    sys.path.insert(0, str(HERE.parents[1]))
+
+from hf_attrib.func.projection import make_projector  # noqa: E402
+
 KINDS = ("normal", "rademacher", "sparse")
 
 
