@@ -1,5 +1,7 @@
 """The ``hf-attrib`` command.
 
+    hf-attrib attribute --model ID_OR_DIR --task causal-lm --train DATASET --test DATASET
+        --method trak [--layers last:2] [--out scores.safetensors] [--top-k 5]
     hf-attrib bench list
     hf-attrib bench ground-truth digits-lr --kind lds|loo [--models a:b] [--shard i/n]
     hf-attrib bench run digits-lr [--methods if-cg,trak-10] [--out DIR] [--device cpu] [--smoke]
@@ -102,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hyperparameter search of the paper's Appendix C.1; best per metric")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(func=_bench_run)
+    from hf_attrib.integrations.cli_attribute import add_attribute_parser
+
+    add_attribute_parser(commands)
     return parser
 
 

@@ -1,0 +1,195 @@
+"""``hf-attrib attribute``: score a transformers model's training examples from the shell.
+
+    hf-attrib attribute --model gpt2 --task causal-lm --train data/train.jsonl \\
+        --test data/test.jsonl --method trak --layers last:2 --out scores.safetensors
+
+DATASET arguments are a ``Dataset.save_to_disk`` folder, a data file (``.json``, ``.jsonl``,
+``.csv``, ``.parquet``, ``.txt``) or a Hub dataset id. Scores ``[n_train, n_test]`` are written
+as safetensors (``scores``; metadata ``n_train``, ``n_test``, ``method``, ...) and a report
+lists the most helpful (highest score: including the example raises the target) and most
+harmful (lowest score) training examples for each test example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_attribute_parser", "load_any_dataset", "report"]
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
+                  ".txt": "text", ".arrow": "arrow"}
+
+
+def load_any_dataset(spec: str, split: str | None = None, role: str = "train") -> Any:
+    """A ``datasets.Dataset`` from a ``save_to_disk`` folder, a data file or a Hub id."""
+    import datasets
+
+    path = Path(spec)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or
+                          (path / "dataset_dict.json").exists() or
+                          (path / "state.json").exists()):
+        data = datasets.load_from_disk(str(path))
+    elif path.is_file():
+        builder = _FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"{spec}: unknown data file type {path.suffix!r}; use one of "
+                             f"{', '.join(_FILE_BUILDERS)} or a save_to_disk folder.")
+        data = datasets.load_dataset(builder, data_files=str(path), split="train")
+    elif path.exists():
+        data = datasets.load_dataset(str(path))
+    else:
+        if spec.startswith((".", "/")) or spec.count("/") > 1:
+            raise FileNotFoundError(f"{role} dataset {spec} does not exist.")
+        data = datasets.load_dataset(spec, split=split) if split else datasets.load_dataset(spec)
+    if isinstance(data, datasets.DatasetDict):
+        names = list(data)
+        chosen = split or ("train" if role == "train" and "train" in data else
+                           "test" if role == "test" and "test" in data else
+                           names[0] if len(names) == 1 else None)
+        if chosen not in data:
+            raise ValueError(f"{role} dataset {spec} has splits {names}; choose one with "
+                             f"--{role}-split.")
+        data = data[chosen]
+    return data
+
+
+def _describe(dataset: Any, index: int, processor: Any, text_column: str | None,
+              width: int = 70) -> str:
+    row = dataset[index]
+    text = None
+    for col in ([text_column] if text_column else []) + ["text", "sentence", "content"]:
+        if col and col in row and isinstance(row[col], str):
+            text = row[col]
+            break
+    if text is None and "input_ids" in row and processor is not None and hasattr(processor,
+                                                                                  "decode"):
+        text = processor.decode(row["input_ids"], skip_special_tokens=True)
+    if text is None:
+        return f"#{index}"
+    text = " ".join(text.split())
+    return f"#{index} {text[:width]!r}" + ("..." if len(text) > width else "")
+
+
+def report(scores: Any, train: Any, test: Any, processor: Any = None,
+           text_column: str | None = None, top_k: int = 5) -> str:
+    """Most helpful / most harmful training examples per test example, as text."""
+    n_train, n_test = scores.shape
+    k = min(top_k, n_train)
+    lines = [f"scores [{n_train} train x {n_test} test]: positive = including the training "
+             "example raises the target (helps), negative = lowers it (harms)."]
+    for j in range(n_test):
+        column = scores[:, j]
+        order = column.argsort(descending=True)
+        lines.append("")
+        lines.append(f"test {_describe(test, j, processor, text_column)}")
+        lines.append("  most helpful:")
+        for i in order[:k].tolist():
+            lines.append(f"    {float(column[i]):+.4e}  "
+                         f"{_describe(train, i, processor, text_column)}")
+        lines.append("  most harmful:")
+        for i in order.flip(0)[:k].tolist():
+            lines.append(f"    {float(column[i]):+.4e}  "
+                         f"{_describe(train, i, processor, text_column)}")
+    return "\n".join(lines)
+
+
+def _method_kwargs(args: argparse.Namespace, n_train: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if args.method in ("trak", "tracin", "grad-dot", "grad-cos") and args.proj_dim:
+        kwargs["projector_kwargs"] = {"proj_dim": args.proj_dim}
+    if args.method == "trak":
+        kwargs.setdefault("projector_kwargs", {"proj_dim": 512})
+        kwargs["regularization"] = (args.regularization if args.regularization is not None
+                                    else 0.1 * n_train)
+    if args.method.startswith("if-"):
+        kwargs["regularization"] = (args.regularization if args.regularization is not None
+                                    else 1e-2)
+        if args.method in ("if-cg", "if-arnoldi"):
+            kwargs["max_iter"] = args.max_iter
+    if args.method == "rps" and args.regularization is not None:
+        kwargs["l2_strength"] = args.regularization
+    return kwargs
+
+
+def _attribute(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from hf_attrib.integrations.transformers import task_from_pretrained
+
+    layers: Any = args.layers
+    if layers and not layers.startswith("last:") and layers != "trainable":
+        layers = [name.strip() for name in layers.split(",") if name.strip()]
+    start = time.perf_counter()
+    task = task_from_pretrained(args.model, args.task, layers=layers,
+                                checkpoints=args.checkpoints,
+                                trust_remote_code=args.trust_remote_code, device=args.device)
+    if args.pad_with_eos and task.processor is not None and task.processor.pad_token is None:
+        task.processor.pad_token = task.processor.eos_token
+    train = load_any_dataset(args.train, args.train_split, "train")
+    test = load_any_dataset(args.test, args.test_split, "test")
+    if args.max_train:
+        train = train.select(range(min(args.max_train, len(train))))
+    if args.max_test:
+        test = test.select(range(min(args.max_test, len(test))))
+    loader_kwargs = dict(batch_size=args.batch_size, text_column=args.text_column,
+                         label_column=args.label_column, max_length=args.max_length)
+    train_loader = task.dataloader(train, **loader_kwargs)
+    test_loader = task.dataloader(test, **loader_kwargs)
+    attributor = task.attributor(args.method, device=args.device, progress=not args.no_progress,
+                                 **_method_kwargs(args, len(train)))
+    scores = attributor.attribute(train_loader, test_loader).detach().cpu().float()
+    elapsed = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"n_train": str(scores.shape[0]), "n_test": str(scores.shape[1]),
+                "method": args.method, "model": str(args.model), "task": args.task,
+                "layers": str(args.layers), "train": str(args.train), "test": str(args.test),
+                "sign": "score[i, j] > 0: training example i raises the target on test j"}
+    save_file({"scores": scores.contiguous()}, str(out), metadata=metadata)
+    is_text = args.task != "image-classification"
+    print(report(scores, train, test, task.processor if is_text else None,
+                 args.text_column if is_text else None, args.top_k))
+    print(f"\nwrote {out} ({scores.shape[0]} x {scores.shape[1]}, {args.method}, "
+          f"{elapsed:.1f} s)")
+    return 0
+
+
+def add_attribute_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``attribute`` subcommand to the ``hf-attrib`` parser."""
+    from hf_attrib.integrations.transformers import _METHODS, TASK_KINDS
+
+    p = commands.add_parser("attribute", help="attribute a transformers model's predictions "
+                            "to its training examples")
+    p.add_argument("--model", required=True, help="Hub id or local save_pretrained folder")
+    p.add_argument("--task", required=True, choices=list(TASK_KINDS))
+    p.add_argument("--train", required=True,
+                   help="save_to_disk folder, data file (json/jsonl/csv/parquet/txt) or Hub id")
+    p.add_argument("--test", required=True, help="as --train")
+    p.add_argument("--train-split", help="split of --train (default: train / the only one)")
+    p.add_argument("--test-split", help="split of --test (default: test / the only one)")
+    p.add_argument("--method", default="trak", choices=list(_METHODS))
+    p.add_argument("--layers", help="last:N, trainable, or comma-separated module names "
+                   "(default: all parameters; adapters for a PEFT folder)")
+    p.add_argument("--checkpoints", help="Trainer output_dir (TracInCP trajectory) or folder")
+    p.add_argument("--text-column", help="column to tokenise (default: text/sentence)")
+    p.add_argument("--label-column", help="class label column (default: label/labels)")
+    p.add_argument("--max-length", type=int, help="truncate tokenised text to N tokens")
+    p.add_argument("--max-train", type=int, help="use the first N training examples")
+    p.add_argument("--max-test", type=int, help="use the first N test examples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--proj-dim", type=int, help="random projection size (TRAK default 512)")
+    p.add_argument("--regularization", type=float,
+                   help="TRAK kernel / IF Hessian damping / RPS l2 (method defaults otherwise)")
+    p.add_argument("--max-iter", type=int, default=10, help="IF-CG / Arnoldi iterations")
+    p.add_argument("--out", default="scores.safetensors")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pad-with-eos", action="store_true",
+                   help="set tokenizer.pad_token = eos_token when the tokenizer has none")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow running code from the model repository (off by default)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_attribute)

@@ -1,0 +1,122 @@
+"""``hf-attrib attribute`` run as a user runs it, on a tiny saved model and saved datasets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from integrations_helpers import char_tokenizer, text_datasets, tiny_bert, tiny_gpt2
+from safetensors import safe_open
+
+DUPS = (2, 5, 9)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_attrib.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """In-process ``hf-attrib`` (same entry point; saves the interpreter start-up)."""
+    from hf_attrib.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tok = char_tokenizer()
+    gpt2 = tiny_gpt2()
+    gpt2.save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    bert = tiny_bert()
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    train, test = text_datasets(duplicates=DUPS)
+    train.save_to_disk(str(root / "train"))
+    with open(root / "test.jsonl", "w") as f:
+        for text in test["text"]:
+            f.write(json.dumps({"text": text}) + "\n")
+    ltrain, ltest = text_datasets(duplicates=DUPS, labels=True, seed=1)
+    ltrain.to_csv(str(root / "ltrain.csv"))
+    ltest.to_parquet(str(root / "ltest.parquet"))
+    return root, train, test, ltrain
+
+
+def test_attribute_causal_lm_writes_scores_and_report(saved):
+    root, train, _, _ = saved
+    out = root / "scores.safetensors"
+    result = _cli("attribute", "--model", str(root / "gpt2"), "--task", "causal-lm",
+                  "--train", str(root / "train"), "--test", str(root / "test.jsonl"),
+                  "--method", "grad-cos", "--layers", "last:1", "--out", str(out),
+                  "--top-k", "2", "--batch-size", "4", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(out), "pt") as f:
+        scores = f.get_tensor("scores")
+        meta = f.metadata()
+    assert scores.shape == (12, 3)
+    assert meta["n_train"] == "12" and meta["n_test"] == "3" and meta["method"] == "grad-cos"
+    assert scores.argmax(0).tolist() == list(DUPS)
+    stdout = result.stdout
+    # per test example: its text, then the duplicate as the most helpful training example
+    for j, i in enumerate(DUPS):
+        block = stdout.split(f"test #{j} ")[1]
+        helpful = block.split("most helpful:")[1].split("most harmful:")[0]
+        first = helpful.strip().splitlines()[0]
+        assert f"#{i} {train[i]['text']!r}" in first
+        assert f"{float(scores[i, j]):+.4e}" in first
+        harmful = block.split("most harmful:")[1].strip().splitlines()[0]
+        lowest = int(scores[:, j].argmin())
+        assert f"#{lowest} " in harmful
+    assert f"wrote {out}" in stdout
+
+
+def test_attribute_classifier_trak_from_csv_and_parquet(saved, capsys):
+    root, _, _, ltrain = saved
+    out = root / "cls.safetensors"
+    result = _main(capsys, "attribute", "--model", str(root / "bert"), "--task",
+                  "sequence-classification", "--train", str(root / "ltrain.csv"),
+                  "--test", str(root / "ltest.parquet"), "--method", "trak",
+                  "--proj-dim", "64", "--regularization", "0", "--layers", "last:1",
+                  "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(out), "pt") as f:
+        scores = f.get_tensor("scores")
+    assert scores.argmax(0).tolist() == list(DUPS)
+    assert len(ltrain) == scores.shape[0]
+
+
+def test_attribute_errors_are_clear(saved, capsys):
+    root = saved[0]
+    common = ["--train", str(root / "train"), "--test", str(root / "test.jsonl")]
+    result = _main(capsys, "attribute", "--model", str(root / "bert"), "--task", "causal-lm",
+                   *common)
+    assert result.returncode == 2
+    assert "task='sequence-classification'" in result.stderr
+    result = _main(capsys, "attribute", "--model", str(root / "gpt2"), "--task", "causal-lm",
+                   "--layers", "transformer.h.9", *common)
+    assert result.returncode == 2 and "unknown layer name 'transformer.h.9'" in result.stderr
+    result = _main(capsys, "attribute", "--model", str(root / "gpt2"), "--task", "causal-lm",
+                   "--train", str(root / "missing"), "--test", str(root / "test.jsonl"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_report_shows_indices_for_images():
+    from datasets import Dataset
+
+    from hf_attrib.integrations.cli_attribute import report
+
+    images = Dataset.from_dict({"pixel_values": [[0.0]] * 3, "label": [0, 1, 0]})
+    text = report(torch.tensor([[0.5], [-1.0], [2.0]]), images, images.select([0]), top_k=1)
+    lines = text.splitlines()
+    assert "test #0" in text
+    helpful = lines[lines.index("  most helpful:") + 1]
+    harmful = lines[lines.index("  most harmful:") + 1]
+    assert helpful.strip() == "+2.0000e+00  #2"
+    assert harmful.strip() == "-1.0000e+00  #1"
