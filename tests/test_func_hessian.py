@@ -440,3 +440,47 @@ def test_bad_mode_raises_at_x(binary):
         ihvp_at_x_arnoldi(binary_loss, w, x, y, mode="fwd-rev")
     with pytest.raises(ValueError, match="mode"):
         ihvp_at_x_lissa(binary_loss, w, x, y, mode="fwd-rev")
+
+
+# --------------------------------------------------------------------------------------------
+# HessianSum: a Hessian summed over batches, linearisations kept within a budget
+# --------------------------------------------------------------------------------------------
+def _sum_problem():
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(12, generator=g, dtype=torch.float64)
+    batches = [(torch.randn(n, 4, generator=g, dtype=torch.float64), w)
+               for n, w in ((5, 0.2), (7, 0.5), (3, 0.3))]
+
+    def objective(t, x):  # a non-quadratic objective: its Hessian depends on the data
+        return torch.tanh(x @ t.reshape(4, 3)).pow(2).sum()
+
+    return theta, batches, objective
+
+
+@pytest.mark.parametrize("mode", ["rev-rev", "rev-fwd"])
+@pytest.mark.parametrize("budget", [0, 2**30], ids=["nothing-kept", "all-kept"])
+def test_hessian_sum_equals_weighted_autograd_hessians(mode, budget):
+    from hf_attrib.func.hessian import HessianSum
+
+    theta, batches, objective = _sum_problem()
+    ref = sum(w * torch.autograd.functional.hessian(lambda t, x=x: objective(t, x), theta)
+              for x, w in batches)
+    op = HessianSum(objective, theta, batches, mode=mode, cache_bytes=budget, rhs_chunk_size=2)
+    v = torch.randn(5, 12, dtype=torch.float64)
+    for _ in range(2):  # the second call reuses whatever was kept
+        torch.testing.assert_close(op(v), v @ ref.T)
+    torch.testing.assert_close(op(v[:1]), v[:1] @ ref.T)  # a single vector skips vmap
+    kept = len(op._ops)
+    assert kept == (3 if (mode == "rev-rev" and budget > 0) else 0)
+
+
+def test_hessian_sum_keeps_only_what_fits_the_budget():
+    from hf_attrib.func.hessian import HessianSum, linearization_bytes
+
+    theta, batches, objective = _sum_problem()
+    sizes = [linearization_bytes(lambda t, x=x: objective(t, x), theta) for x, _ in batches]
+    assert all(s > 0 for s in sizes)
+    assert sizes[1] > sizes[2]  # more rows, more activations
+    op = HessianSum(objective, theta, batches, cache_bytes=sizes[0] + sizes[2])
+    op(torch.randn(2, 12, dtype=torch.float64))
+    assert sorted(op._ops) == [0, 2]  # batch 1 does not fit after batch 0; batch 2 does

@@ -33,6 +33,8 @@ __all__ = ["BaseAttributor", "FeatureAttributor", "check_loader", "to_device"]
 
 # Per-example gradients held at once before projection: chunk * d floats stay under this.
 _GRAD_CHUNK_BYTES = 256 * 2**20
+# Training examples whose self-influence is solved together (train + test features, float32).
+_SELF_GROUP_BYTES = 256 * 2**20
 
 
 def check_loader(loader: Any, role: str) -> None:
@@ -339,20 +341,7 @@ class FeatureAttributor(BaseAttributor):
             fns = self.task.functions(c, self.layer_name)
             weight = self._weight(fns)
             values, factors = [], []
-            cached = train_loader is self._cache_loader and c in self._train_cache
-            batches = self._batches(train_loader, "train", f"self-influence (ckpt {c})")
-            for offset, batch in batches:
-                size = batch_size_of(batch)
-                if cached:
-                    feats, factor_all = self._train_cache[c]
-                    feats = feats[offset:offset + size]
-                    factor = None if factor_all is None else factor_all[offset:offset + size]
-                else:
-                    feats = self._features(fns, batch, self.train_kind, offset, "train")
-                    factor = self._row_factor(fns, batch)
-                same_side = self.train_kind == self.test_kind or fns.target_is_loss
-                test_raw = feats if same_side else self._features(
-                    fns, batch, self.test_kind, offset, "train")
+            for feats, test_raw, factor in self._self_groups(fns, train_loader):
                 test = self._transform_test(fns, self._states[c], test_raw)
                 values.append(weight * (feats * test).sum(dim=1))
                 factors.append(factor)
@@ -363,3 +352,54 @@ class FeatureAttributor(BaseAttributor):
                 row_factor = f if row_factor is None else row_factor + f
         assert total is not None
         return total if row_factor is None else total * row_factor
+
+    def _self_groups(self, fns: CheckpointFunctions, loader: DataLoader
+                     ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """``(train features, test-side features, row factor)`` of the training examples, in
+        groups of up to ``_SELF_GROUP_BYTES`` of features.
+
+        Each group's test side goes through ``_transform_test`` in one call (one CG or LiSSA
+        solve for the whole group, not one per loader batch); cached features are read from
+        the cache without touching the loader.
+        """
+        same_side = self.train_kind == self.test_kind or fns.target_is_loss
+        cached = loader is self._cache_loader and fns.index in self._train_cache
+        if cached:
+            all_feats, all_factors = self._train_cache[fns.index]
+        if same_side and cached:
+            step = self._group_rows(all_feats.shape[1])
+            for start in range(0, all_feats.shape[0], step):
+                rows = slice(start, start + step)
+                factor = None if all_factors is None else all_factors[rows]
+                yield all_feats[rows], all_feats[rows], factor
+            return
+        pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        rows_pending = 0
+        for offset, batch in self._batches(loader, "train", f"self-influence (ckpt {fns.index})"):
+            if cached:
+                rows = slice(offset, offset + batch_size_of(batch))
+                feats = all_feats[rows]
+                factor = None if all_factors is None else all_factors[rows]
+            else:
+                feats = self._features(fns, batch, self.train_kind, offset, "train")
+                factor = self._row_factor(fns, batch)
+            test_raw = feats if same_side else self._features(
+                fns, batch, self.test_kind, offset, "train")
+            pending.append((feats, test_raw, factor))
+            rows_pending += feats.shape[0]
+            if rows_pending >= self._group_rows(feats.shape[1]):
+                yield _merge(pending)
+                pending, rows_pending = [], 0
+        if pending:
+            yield _merge(pending)
+
+    def _group_rows(self, dim: int) -> int:
+        return max(1, _SELF_GROUP_BYTES // (8 * max(dim, 1)))
+
+
+def _merge(groups: list[tuple[Tensor, Tensor, Tensor | None]]
+           ) -> tuple[Tensor, Tensor, Tensor | None]:
+    feats = torch.cat([g[0] for g in groups])
+    test = torch.cat([g[1] for g in groups])
+    factors = None if groups[0][2] is None else torch.cat([g[2] for g in groups])
+    return feats, test, factors

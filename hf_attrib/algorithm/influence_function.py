@@ -29,7 +29,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import FeatureAttributor, to_device
-from hf_attrib.func.hessian import _hvp_operator, arnoldi_eigen, batched_cg, lissa_recursion
+from hf_attrib.func.hessian import (
+    HessianSum,
+    _hvp_operator,
+    arnoldi_eigen,
+    batched_cg,
+    lissa_recursion,
+)
 from hf_attrib.func.projection import Projector
 from hf_attrib.func.utils import batch_size_of
 from hf_attrib.task import AttributionTask, CheckpointFunctions
@@ -44,6 +50,8 @@ __all__ = [
 # Largest Hessian IFAttributorExplicit builds by default (float64 bytes, ~11k parameters):
 # beyond it, the d^3 inversion takes minutes on a CPU and another solver is the better tool.
 _MAX_EXPLICIT_BYTES = 2**30
+# Memory for the per-batch HVP linearisations kept between products (see HessianSum).
+_HESSIAN_CACHE_BYTES = 2**30
 
 
 class _IFBase(FeatureAttributor):
@@ -54,13 +62,15 @@ class _IFBase(FeatureAttributor):
 
     def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
                  device: torch.device | str = "cpu", regularization: float = 0.0,
-                 mode: str = "rev-rev", rhs_chunk_size: int = 256, **kwargs: Any) -> None:
+                 mode: str = "rev-rev", rhs_chunk_size: int = 256,
+                 hessian_cache_bytes: int = _HESSIAN_CACHE_BYTES, **kwargs: Any) -> None:
         super().__init__(task, layer_name, device, **kwargs)
         if regularization < 0:
             raise ValueError("regularization must be >= 0.")
         self.regularization = regularization
         self.mode = mode
         self.rhs_chunk_size = rhs_chunk_size
+        self.hessian_cache_bytes = hessian_cache_bytes
 
     def _weight(self, fns: CheckpointFunctions) -> float:
         return -1.0 / (self._n_cache * self.task.num_checkpoints)
@@ -72,20 +82,11 @@ class _IFBase(FeatureAttributor):
         return [(batch, batch_size_of(batch) / self._n_cache)
                 for _, batch in self._batches(loader, "train", "Hessian data")]
 
-    def _hessian_matvec(self, fns: CheckpointFunctions) -> Callable[[Tensor], Tensor]:
-        """``V [k, d] -> H V`` for the training-set Hessian (``k`` solved in chunks)."""
-        batches = self._hessian_batches()
-
-        def matvec(v: Tensor) -> Tensor:
-            out = torch.zeros_like(v)
-            for batch, w in batches:
-                op = _hvp_operator(lambda t, b=batch: fns.loss(t, b), fns.theta, self.mode)
-                for start in range(0, v.shape[0], self.rhs_chunk_size):
-                    rows = slice(start, start + self.rhs_chunk_size)
-                    out[rows] += w * op(v[rows])
-            return out
-
-        return matvec
+    def _hessian_matvec(self, fns: CheckpointFunctions) -> HessianSum:
+        """``V [k, d] -> H V`` for the training-set Hessian, linearisations kept in budget."""
+        budget = self.hessian_cache_bytes // self.task.num_checkpoints  # shared by checkpoints
+        return HessianSum(fns.loss, fns.theta, self._hessian_batches(), self.mode, budget,
+                          self.rhs_chunk_size)
 
 
 class IFAttributorExplicit(_IFBase):
@@ -241,7 +242,7 @@ class IFAttributorArnoldi(_IFBase):
     def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
                  device: torch.device | str = "cpu", proj_dim: int = 100, max_iter: int = 200,
                  norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0,
-                 mode: str = "rev-fwd", seed: int = 0, **kwargs: Any) -> None:
+                 mode: str = "rev-rev", seed: int = 0, **kwargs: Any) -> None:
         super().__init__(task, layer_name, device, regularization, mode, **kwargs)
         self.proj_dim = proj_dim
         self.max_iter = max(max_iter, proj_dim)
