@@ -484,3 +484,29 @@ def test_hessian_sum_keeps_only_what_fits_the_budget():
     op = HessianSum(objective, theta, batches, cache_bytes=sizes[0] + sizes[2])
     op(torch.randn(2, 12, dtype=torch.float64))
     assert sorted(op._ops) == [0, 2]  # batch 1 does not fit after batch 0; batch 2 does
+
+
+def test_hessian_sum_merges_small_mean_batches_only_when_shapes_allow():
+    from hf_attrib.func.hessian import HessianSum
+
+    g = torch.Generator().manual_seed(4)
+    theta = torch.randn(12, generator=g, dtype=torch.float64)
+    xs = [torch.randn(n, 4, generator=g, dtype=torch.float64) for n in (5, 7, 3)]
+    n = sum(x.shape[0] for x in xs)
+
+    def mean_objective(t, batch):  # a mean over the batch's rows, like a training loss
+        return torch.tanh(batch["x"] @ t.reshape(4, 3)).pow(2).sum(1).mean()
+
+    full = torch.cat(xs)
+    ref = torch.autograd.functional.hessian(lambda t: mean_objective(t, {"x": full}), theta)
+    batches = [({"x": x}, x.shape[0] / n) for x in xs]
+    op = HessianSum(mean_objective, theta, batches, merge_batches=True)
+    assert len(op.batches) == 1 and op.batches[0][0]["x"].shape == (n, 4)
+    v = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(op(v), v @ ref.T)
+    # Different trailing shapes (e.g. text padded per batch) cannot be concatenated.
+    ragged = [({"x": x, "pad": torch.zeros(x.shape[0], i)}, x.shape[0] / n)
+              for i, x in enumerate(xs)]
+    op = HessianSum(mean_objective, theta, ragged, merge_batches=True)
+    assert len(op.batches) == 3
+    torch.testing.assert_close(op(v), v @ ref.T)

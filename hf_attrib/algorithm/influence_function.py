@@ -86,7 +86,7 @@ class _IFBase(FeatureAttributor):
         """``V [k, d] -> H V`` for the training-set Hessian, linearisations kept in budget."""
         budget = self.hessian_cache_bytes // self.task.num_checkpoints  # shared by checkpoints
         return HessianSum(fns.loss, fns.theta, self._hessian_batches(), self.mode, budget,
-                          self.rhs_chunk_size)
+                          self.rhs_chunk_size, merge_batches=True)
 
 
 class IFAttributorExplicit(_IFBase):
