@@ -5,6 +5,11 @@
     hf-attrib bench list
     hf-attrib bench ground-truth digits-lr --kind lds|loo [--models a:b] [--shard i/n]
     hf-attrib bench run digits-lr [--methods if-cg,trak-10] [--out DIR] [--device cpu] [--smoke]
+                                  [--from-hub REPO_OR_DIR]
+    hf-attrib hub export digits-lr --out DIR [--gt-dir DIR] [--smoke]
+    hf-attrib hub push DIR --repo-id ORG/NAME [--repo-type dataset|model] [--large]
+    hf-attrib hub pull digits-lr|ORG/NAME [--what data,ground-truth,checkpoints] [--models a:b]
+    hf-attrib hub push-results RESULTS.json --repo-id ORG/NAME
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def _bench_run(args: argparse.Namespace) -> int:
     results = run_benchmark(setting, methods=methods, out_dir=out, device=args.device,
                             smoke=args.smoke, data_dir=args.data_dir,
                             loo_examples=args.loo_examples, search=args.search,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, from_hub=args.from_hub)
     print(results_markdown(results))
     print(f"results written to {out}/results.json and {out}/results.md")
     return 0
@@ -69,6 +74,114 @@ def _bench_ground_truth(args: argparse.Namespace) -> int:
         print(f"{result.kind}: trained blocks {result.trained}, already on disk "
               f"{result.skipped} ({result.directory})")
     return 0
+
+
+def _hub_export(args: argparse.Namespace) -> int:
+    from hf_attrib.benchmark.settings import get_setting
+    from hf_attrib.hub import export
+
+    name = get_setting(args.setting).name
+    gt_dir = args.gt_dir or f"bench-out/{name}/ground_truth"
+    result = export(args.setting, args.out, gt_dir=gt_dir, smoke=args.smoke,
+                    data_dir=args.data_dir, loo_examples=args.loo_examples,
+                    shard_models=args.shard_models, org=args.org, progress=not args.no_progress)
+    print(f"dataset repo folder:    {result.dataset_dir} (push to {result.dataset_repo_id})")
+    print(f"checkpoint repo folder: {result.checkpoints_dir} "
+          f"(push to {result.checkpoints_repo_id})")
+    return 0
+
+
+def _hub_push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hf_attrib.hub import push
+    from hf_attrib.hub.layout import CHECKPOINTS_SUFFIX
+
+    folder = Path(args.folder)
+    if (folder / "dataset").is_dir() and (folder / "checkpoints").is_dir():
+        targets = [(folder / "dataset", args.repo_id, "dataset"),
+                   (folder / "checkpoints", args.repo_id + CHECKPOINTS_SUFFIX, "model")]
+    else:
+        targets = [(folder, args.repo_id, args.repo_type)]
+    for path, repo_id, repo_type in targets:
+        ref = push(path, repo_id, repo_type, endpoint=args.endpoint, revision=args.revision,
+                   private=args.private or None, large=args.large)
+        print(f"pushed {path} to {repo_id} ({ref})")
+    return 0
+
+
+def _hub_pull(args: argparse.Namespace) -> int:
+    from hf_attrib.hub import pull
+
+    what = [w.strip() for w in args.what.split(",") if w.strip()]
+    kinds = [k.strip() for k in args.kinds.split(",")] if args.kinds else None
+    result = pull(args.source, what=what, models=args.models, kinds=kinds, out=args.out,
+                  revision=args.revision, endpoint=args.endpoint, org=args.org)
+    for label, path in (("dataset", result.dataset_dir), ("checkpoints", result.checkpoints_dir)):
+        if path is not None:
+            print(f"{label}: {path}")
+    for repo, files in result.files.items():
+        print(f"{repo}: {len(files)} file(s)")
+    return 0
+
+
+def _hub_push_results(args: argparse.Namespace) -> int:
+    from hf_attrib.hub import push_results
+
+    path = push_results(args.results, args.repo_id, repo_type=args.repo_type,
+                        endpoint=args.endpoint)
+    print(f"added {path} to {args.repo_id}; leaderboard README regenerated")
+    return 0
+
+
+def _add_hub(commands: argparse._SubParsersAction) -> None:
+    from hf_attrib.hub.layout import DEFAULT_ORG, DEFAULT_RESULTS_REPO
+
+    hub = commands.add_parser("hub", help="export, push and pull benchmark repos; push results")
+    cmds = hub.add_subparsers(dest="hub_command", required=True)
+    endpoint = dict(help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    ex = cmds.add_parser("export", help="write a setting's dataset and checkpoint repo folders")
+    ex.add_argument("setting")
+    ex.add_argument("--out", required=True, help="writes OUT/dataset and OUT/checkpoints")
+    ex.add_argument("--gt-dir", help="ground-truth build to export (default: "
+                    "bench-out/SETTING/ground_truth; missing blocks are trained)")
+    ex.add_argument("--smoke", action="store_true", help="tiny sizes (pipeline check)")
+    ex.add_argument("--data-dir", help="local copy of the source data")
+    ex.add_argument("--loo-examples", type=int, help="leave out only the first N examples")
+    ex.add_argument("--shard-models", type=int, help="models per checkpoint shard")
+    ex.add_argument("--org", default=DEFAULT_ORG, help="organisation named in the cards")
+    ex.add_argument("--no-progress", action="store_true")
+    ex.set_defaults(func=_hub_export)
+    pu = cmds.add_parser("push", help="upload an exported folder (create the repo if needed)")
+    pu.add_argument("folder", help="OUT of `hub export` (pushes both repos) or one repo folder")
+    pu.add_argument("--repo-id", required=True,
+                    help="dataset repo id (the checkpoints go to REPO_ID-checkpoints)")
+    pu.add_argument("--repo-type", choices=("dataset", "model"),
+                    help="for a single repo folder (default: from its index)")
+    pu.add_argument("--revision", help="branch to commit to (default main)")
+    pu.add_argument("--private", action="store_true", help="create new repos private")
+    pu.add_argument("--large", action="store_true",
+                    help="upload_large_folder (resumable, for very large checkpoint sets)")
+    pu.add_argument("--endpoint", **endpoint)
+    pu.set_defaults(func=_hub_push)
+    pl = cmds.add_parser("pull", help="download a setting's data, ground truth or checkpoints")
+    pl.add_argument("source", help="setting name (repos under --org) or repo id")
+    pl.add_argument("--what", default="data,ground-truth,checkpoints",
+                    help="comma-separated: data, ground-truth, checkpoints")
+    pl.add_argument("--models", help="checkpoints: only the shards holding model ids a:b")
+    pl.add_argument("--kinds", help="checkpoint kinds (default all: full,lds,loo,noisy)")
+    pl.add_argument("--out", help="download into OUT/dataset, OUT/checkpoints "
+                    "(default: the Hugging Face cache)")
+    pl.add_argument("--revision", help="branch, tag or commit")
+    pl.add_argument("--org", default=DEFAULT_ORG)
+    pl.add_argument("--endpoint", **endpoint)
+    pl.set_defaults(func=_hub_pull)
+    pr = cmds.add_parser("push-results", help="add a run to a results repo and its leaderboard")
+    pr.add_argument("results", help="results.json written by `hf-attrib bench run`")
+    pr.add_argument("--repo-id", default=DEFAULT_RESULTS_REPO)
+    pr.add_argument("--repo-type", choices=("model", "dataset"), default="model")
+    pr.add_argument("--endpoint", **endpoint)
+    pr.set_defaults(func=_hub_push_results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--search", action="store_true",
                      help="hyperparameter search of the paper's Appendix C.1; best per metric")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--from-hub", metavar="REPO_OR_DIR",
+                     help="use pulled data, models and ground truth (a `hub pull --out` or "
+                          "`hub export` folder, or a repo id to pull) instead of building them")
     run.set_defaults(func=_bench_run)
+    _add_hub(commands)
     from hf_attrib.integrations.cli_attribute import add_attribute_parser
 
     add_attribute_parser(commands)
@@ -112,10 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-attrib`` console script."""
+    from hf_attrib.hub.errors import HubError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, NotImplementedError) as err:
+    except (KeyError, ValueError, FileNotFoundError, NotImplementedError, HubError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"hf-attrib: error: {message}", file=sys.stderr)
         return 2

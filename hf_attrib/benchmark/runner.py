@@ -493,6 +493,7 @@ def run_benchmark(
     loo_examples: int | None = None,
     search: bool = False,
     progress: bool = True,
+    from_hub: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark of one setting; see the module docstring.
 
@@ -508,6 +509,11 @@ def run_benchmark(
             and report the best value of each metric, as the paper does; otherwise use
             ``DEFAULTS``.
         progress: progress bars.
+        from_hub: use pulled repos instead of building the ground truth: a folder written by
+            ``hf-attrib hub export``/``hub pull --out`` (``dataset/`` + ``checkpoints/``) or a
+            repo id / setting name to pull. The data, the full-data (and noisy-label) models,
+            the LDS subset models ensembling methods use and the ground-truth targets come
+            from it; nothing is retrained but TracIn's trajectory.
 
     Returns:
         The results (also written to ``out_dir/results.json`` and ``out_dir/results.md``).
@@ -528,9 +534,19 @@ def run_benchmark(
     data, model, fns, recipe = prep.data, prep.model, prep.fns, prep.recipe
     x, y = prep.x, prep.y
     loo_index = _loo_index(setting, loo_examples)
+    pulled = None
+    if from_hub is not None:
+        from hf_attrib.hub.runner_support import use_pulled
+
+        trak = [min(int(m.split("-")[1]), len(setting.ensemble_model_ids))
+                for m in methods if m.startswith("trak-")]
+        pulled = use_pulled(prep, from_hub, max(trak, default=0))
+        x, y, data, loo_index = prep.x, prep.y, prep.data, pulled.loo_index
 
     # The full-data model (for LOO it shares its random stream with the LOO models). ---------
-    if "loo" in setting.metrics:
+    if pulled is not None:
+        full = pulled.full
+    elif "loo" in setting.metrics:
         build_ground_truth(prep, gt_dir, "loo", loo_examples=loo_examples, progress=progress)
         full = _load(model, gt_dir, "loo-full")
     else:
@@ -541,13 +557,16 @@ def run_benchmark(
     xt, yt = prep.xt, prep.yt
 
     # Ground truth (resumable: only missing blocks are trained). ------------------------------
-    build_ground_truth(prep, gt_dir, "lds", progress=progress)
-    lds_models = _load(model, gt_dir, "lds")
-    masks, _ = load_subsets(gt_dir, "lds")
-    gt_ids = list(setting.ground_truth_model_ids)
-    lds_values = _evaluate(model, _select(lds_models, gt_ids), xt, yt, fns["target"])
-    ground_truth: dict[str, Any] = {"lds": (lds_values, masks[gt_ids])}
-    if "loo" in setting.metrics:
+    if pulled is not None:
+        lds_models, ground_truth = pulled.lds_models, pulled.ground_truth
+    else:
+        build_ground_truth(prep, gt_dir, "lds", progress=progress)
+        lds_models = _load(model, gt_dir, "lds")
+        masks, _ = load_subsets(gt_dir, "lds")
+        gt_ids = list(setting.ground_truth_model_ids)
+        lds_values = _evaluate(model, _select(lds_models, gt_ids), xt, yt, fns["target"])
+        ground_truth = {"lds": (lds_values, masks[gt_ids])}
+    if "loo" in setting.metrics and pulled is None:
         ground_truth["loo"] = (_evaluate(model, _load(model, gt_dir, "loo"), xt, yt, fns["target"]),
                                torch.tensor(loo_index),
                                _evaluate(model, full, xt, yt, fns["target"])[0])
@@ -555,7 +574,8 @@ def run_benchmark(
     noisy_state = None
     if "auc" in setting.metrics:
         xn, yn = BenchmarkData.tensors(data.noisy_train)
-        noisy = _train(model, fns["train_loss"], xn, yn, setting.seed, recipe)
+        noisy = (pulled.noisy if pulled is not None and pulled.noisy is not None
+                 else _train(model, fns["train_loss"], xn, yn, setting.seed, recipe))
         noisy_state = (_unstack(noisy, 0), DataLoader(TensorDataset(xn, yn), batch_size=250))
 
     # Methods. ---------------------------------------------------------------------------
@@ -575,6 +595,8 @@ def run_benchmark(
         "loo_examples": len(loo_index) if "loo" in setting.metrics else 0,
         "device": device, "hf_attrib_version": __version__, "methods": rows,
     }
+    if pulled is not None:
+        results["ground_truth_source"] = pulled.source
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results))

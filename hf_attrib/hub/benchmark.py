@@ -1,0 +1,267 @@
+"""Read pulled (or exported) repos back: ground truth, checkpoints, data; ``load_benchmark``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hf_attrib.hub.errors import HubNotFoundError
+from hf_attrib.hub.layout import BUFFER_PREFIX, DEFAULT_ORG, MODEL_IDS_KEY, read_index
+
+__all__ = ["Benchmark", "GroundTruth", "load_benchmark", "read_checkpoints",
+           "read_ground_truth", "read_splits", "read_state", "resolve_folders"]
+
+
+@dataclass
+class GroundTruth:
+    """A setting's ground truth as stored in its dataset repo (``ground_truth/``).
+
+    Attributes:
+        lds_masks: ``[M, n_train]`` training subset of each LDS model.
+        lds_model_ids: ``[M]`` their ids.
+        lds_targets: ``[M, n_test]`` target of each LDS model on each test example.
+        ground_truth_model_ids: the LDS models that form the ground truth.
+        loo_indices: left-out example of each LOO model (``None`` without LOO).
+        loo_targets: ``[L, n_test]``.
+        loo_full_targets: ``[n_test]``: the full-data model's targets.
+        noisy_indices: flipped-label positions (``None`` without AUC).
+        noisy_labels: the noisy training labels.
+        meta: the index of the dataset repo.
+    """
+
+    lds_masks: Tensor
+    lds_model_ids: Tensor
+    lds_targets: Tensor
+    ground_truth_model_ids: Tensor
+    loo_indices: Tensor | None = None
+    loo_targets: Tensor | None = None
+    loo_full_targets: Tensor | None = None
+    noisy_indices: Tensor | None = None
+    noisy_labels: Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def lds(self) -> tuple[Tensor, Tensor]:
+        """``(targets, masks)`` of the ground-truth models: the argument of
+        :func:`hf_attrib.metrics.lds`."""
+        rows = [int((self.lds_model_ids == i).nonzero()[0, 0])
+                for i in self.ground_truth_model_ids.tolist()]
+        return self.lds_targets[rows], self.lds_masks[rows]
+
+    def loo(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(targets, indices, full_targets)``: the argument of
+        :func:`hf_attrib.metrics.loo_corr`."""
+        if self.loo_targets is None:
+            return None
+        return self.loo_targets, self.loo_indices, self.loo_full_targets
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise HubNotFoundError(f"{path} is missing: pull it with `hf-attrib hub pull SETTING "
+                               f"--what {what}` (or export the setting again).")
+    return path
+
+
+def read_ground_truth(dataset_dir: str | Path) -> GroundTruth:
+    """The ground truth of a dataset repo folder."""
+    folder = Path(dataset_dir)
+    meta = read_index(folder)
+    lds = load_file(str(_need(folder / "ground_truth" / "lds.safetensors", "ground-truth")))
+    gt = GroundTruth(lds["masks"].bool(), lds["model_ids"], lds["targets"],
+                     lds["ground_truth_model_ids"], meta=meta)
+    if "loo" in meta.get("metrics", []):
+        loo = load_file(str(_need(folder / "ground_truth" / "loo.safetensors", "ground-truth")))
+        gt.loo_indices, gt.loo_targets = loo["indices"], loo["targets"]
+        gt.loo_full_targets = loo["full_targets"]
+    if "auc" in meta.get("metrics", []):
+        noisy = load_file(str(_need(folder / "ground_truth" / "noisy_labels.safetensors",
+                                    "ground-truth")))
+        gt.noisy_indices, gt.noisy_labels = noisy["indices"], noisy["labels"]
+    return gt
+
+
+def read_checkpoints(ckpt_dir: str | Path, kind: str, models: Any = None
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """Stacked ``(params, buffers, model_ids)`` of ``kind`` from the shards on disk.
+
+    Only the shards holding ``models`` (``"a:b"``; default all) are read; a needed shard that
+    was not pulled is an error naming the ``hub pull`` that fetches it.
+    """
+    from hf_attrib.hub.transfer import _parse_models, shards_for
+
+    folder = Path(ckpt_dir)
+    index = read_index(folder)
+    files = shards_for(index, kind, models)
+    rng = _parse_models(models)
+    parts: dict[str, list[Tensor]] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            spec = f" --models {models}" if models is not None else ""
+            raise HubNotFoundError(f"{path} is missing: pull it with `hf-attrib hub pull "
+                                   f"SETTING --what checkpoints{spec}`.")
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                parts.setdefault(key, []).append(f.get_tensor(key))
+    stacked = {k: torch.cat(v) for k, v in parts.items()}
+    ids = stacked.pop(MODEL_IDS_KEY)
+    keep = torch.ones_like(ids, dtype=torch.bool) if rng is None else (
+        (ids >= rng[0]) & (ids < rng[1]))
+    params = {k: v[keep] for k, v in stacked.items() if not k.startswith(BUFFER_PREFIX)}
+    buffers = {k[len(BUFFER_PREFIX):]: v[keep] for k, v in stacked.items()
+               if k.startswith(BUFFER_PREFIX)}
+    return params, buffers, ids[keep]
+
+
+def read_state(ckpt_dir: str | Path, kind: str = "full") -> dict[str, Tensor]:
+    """The state dict of a single-model kind (``full``: ``model.safetensors``, ``noisy``)."""
+    folder = Path(ckpt_dir)
+    entry = read_index(folder)["kinds"].get(kind)
+    if entry is None or "file" not in entry:
+        raise HubNotFoundError(f"{folder} has no single model of kind {kind!r}.")
+    return load_file(str(_need(folder / entry["file"], "checkpoints")))
+
+
+def read_splits(dataset_dir: str | Path) -> datasets.DatasetDict:
+    """The parquet splits of a dataset repo folder (``datasets.load_dataset``)."""
+    folder = Path(dataset_dir)
+    files = {p.name.split("-")[0]: str(p) for p in sorted((folder / "data").glob("*.parquet"))}
+    if not files:
+        raise HubNotFoundError(f"{folder / 'data'} holds no parquet files: pull them with "
+                               "`hf-attrib hub pull SETTING --what data`.")
+    return datasets.load_dataset("parquet", data_files=files)
+
+
+def resolve_folders(source: str | Path, *, what: tuple[str, ...], models: Any = None,
+                    endpoint: str | None = None, revision: str | None = None,
+                    token: str | None = None, org: str = DEFAULT_ORG,
+                    cache_dir: str | Path | None = None) -> tuple[Path | None, Path | None]:
+    """``(dataset folder, checkpoints folder)`` of a local export/pull folder or a repo id /
+    setting name (pulled)."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "dataset").is_dir() or (path / "checkpoints").is_dir():
+            ds, ck = path / "dataset", path / "checkpoints"
+            return (ds if ds.is_dir() else None), (ck if ck.is_dir() else None)
+        index = read_index(path)
+        return (path, None) if index.get("repo_type") == "dataset" else (None, path)
+    from hf_attrib.hub.transfer import pull
+
+    result = pull(str(source), what=what, models=models, endpoint=endpoint, revision=revision,
+                  token=token, org=org, cache_dir=cache_dir)
+    return result.dataset_dir, result.checkpoints_dir
+
+
+@dataclass
+class Benchmark:
+    """Everything to evaluate a method on a setting (the paper's user flow), in one object.
+
+    Attributes:
+        setting: the setting (smoke-shrunk if the repos are a smoke build).
+        model: the full-data model (trained weights loaded).
+        splits: ``train``, ``test`` (and ``noisy_train``) ``datasets.Dataset`` splits.
+        train_loader: ``(x, y)`` batches of the training set, in order.
+        test_loader: ``(x, y)`` batches of the test set.
+        loss_func: ``loss_func(params, (x, y))`` for an ``AttributionTask``.
+        target_func: ``target_func(params, (x, y))`` (the setting's target, averaged).
+        functions: all functions of the setting (``loss``, ``margin``, ``target``, ...).
+        checkpoints: ``{kind: (params, buffers, model_ids)}`` of the stacked kinds pulled.
+        full_state: the full-data model's state dict.
+        ground_truth: the :class:`GroundTruth`.
+        dataset_dir: local folder of the dataset repo.
+        checkpoints_dir: local folder of the checkpoint repo.
+    """
+
+    setting: Any
+    model: nn.Module
+    splits: datasets.DatasetDict
+    train_loader: DataLoader
+    test_loader: DataLoader
+    loss_func: Any
+    target_func: Any
+    functions: dict[str, Any]
+    checkpoints: dict[str, tuple[dict[str, Tensor], dict[str, Tensor], Tensor]]
+    full_state: dict[str, Tensor]
+    ground_truth: GroundTruth
+    dataset_dir: Path
+    checkpoints_dir: Path
+
+    def state(self, kind: str, model_id: int) -> dict[str, Tensor]:
+        """State dict of one stacked model (e.g. ``bench.state("lds", 3)``)."""
+        params, buffers, ids = self.checkpoints[kind]
+        row = int((ids == model_id).nonzero()[0, 0])
+        return {k: v[row].clone() for k, v in {**params, **buffers}.items()}
+
+
+def split_tensors(split: datasets.Dataset, kind: str) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` tensors of a split of a classification or generation setting."""
+    columns = split.with_format("torch")[:]
+    if kind == "classification":
+        return columns["pixel_values"].float(), columns["label"].long()
+    return columns["input_ids"].long(), columns["labels"].long()
+
+
+def load_benchmark(setting: str, source: str | Path | None = None, *,
+                   models: Any = None, kinds: tuple[str, ...] = ("lds", "loo"),
+                   batch_size: int | None = None, endpoint: str | None = None,
+                   revision: str | None = None, token: str | None = None,
+                   org: str = DEFAULT_ORG, cache_dir: str | Path | None = None) -> Benchmark:
+    """Load a setting's model, data, functions, checkpoints and ground truth in one call.
+
+    Args:
+        setting: setting name (``"digits-lr"``).
+        source: a local folder (an export/pull folder with ``dataset/`` and ``checkpoints/``)
+            or a dataset repo id; default the setting's repos under ``org`` on the Hub.
+        models: only these stacked models (``"a:b"``), e.g. ``"0:10"`` for TRAK-10.
+        kinds: stacked kinds to load (``lds``, ``loo``; those the setting lacks are skipped).
+        batch_size: loader batch size (default 250 for classification, 32 for generation).
+        endpoint, revision, token, cache_dir: Hub access when ``source`` is not a folder.
+        org: organisation of the default repos.
+    """
+    from hf_attrib.benchmark import runner
+    from hf_attrib.benchmark.settings import get_setting
+
+    base = get_setting(setting)
+    ds_dir, ck_dir = resolve_folders(source or base.name, what=("data", "ground-truth",
+                                                                "checkpoints"),
+                                     models=models, endpoint=endpoint, revision=revision,
+                                     token=token, org=org, cache_dir=cache_dir)
+    if ds_dir is None or ck_dir is None:
+        raise HubNotFoundError(f"{source} needs both the dataset and the checkpoint repo.")
+    gt = read_ground_truth(ds_dir)
+    if gt.meta.get("setting") != base.name:
+        raise ValueError(f"{ds_dir} holds setting {gt.meta.get('setting')!r}, not {base.name!r}.")
+    s = runner._smoke(base) if gt.meta.get("smoke") else base
+    s = type(s)(**{**s.__dict__, "n_train": gt.meta["n_train"], "n_test": gt.meta["n_test"]})
+    splits = read_splits(ds_dir)
+    x, y = split_tensors(splits["train"], s.kind)
+    xt, yt = split_tensors(splits["test"], s.kind)
+    vocab = None
+    if s.kind == "generation":
+        import json
+
+        vocab = json.loads((ck_dir / "config.json").read_text()).get("vocab_size")
+    model = runner.build_model(s, vocab)
+    full_state = read_state(ck_dir, "full")
+    runner._load_state(model, full_state)
+    fns = (runner.classification_functions(model) if s.kind == "classification"
+           else runner.generation_functions(model))
+    index = read_index(ck_dir)
+    checkpoints = {k: read_checkpoints(ck_dir, k, models) for k in kinds
+                   if k in index.get("kinds", {})}
+    batch = batch_size or (250 if s.kind == "classification" else 32)
+    return Benchmark(
+        setting=s, model=model, splits=splits,
+        train_loader=DataLoader(TensorDataset(x, y), batch_size=batch),
+        test_loader=DataLoader(TensorDataset(xt, yt), batch_size=batch),
+        loss_func=fns["loss"], target_func=fns["margin"], functions=fns,
+        checkpoints=checkpoints, full_state=full_state, ground_truth=gt,
+        dataset_dir=ds_dir, checkpoints_dir=ck_dir)

@@ -1,0 +1,383 @@
+"""``push``, ``pull`` and ``push_results``: move hf_attrib repos to and from the Hub.
+
+The endpoint is ``endpoint=`` or ``HF_ENDPOINT``; the token is ``token=`` or the usual Hugging
+Face places (``HF_TOKEN``, ``hf auth login``), read by ``huggingface_hub`` and never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from huggingface_hub import (
+    CommitOperationAdd,
+    HfApi,
+    get_token,
+    hf_hub_download,
+    snapshot_download,
+)
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from hf_attrib.hub.errors import HubAuthError, HubError, HubIntegrityError, HubNotFoundError
+from hf_attrib.hub.layout import (
+    CHECKPOINTS_SUFFIX,
+    DEFAULT_ORG,
+    INDEX_FILE,
+    RESULTS_FORMAT,
+    checkpoints_repo_id,
+    dataset_repo_id,
+    read_index,
+    setting_slug,
+    sha256_file,
+)
+
+__all__ = ["PullResult", "pull", "push", "push_results", "resolve_repos"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+WHAT = ("data", "ground-truth", "checkpoints")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+def _hub_call(fn: Callable[[], T], repo_id: str, repo_type: str, revision: str | None,
+              filename: str | None = None) -> T:
+    """Run a huggingface_hub call; turn its not-found errors into ones that say what to do."""
+    kind = "dataset" if repo_type == "dataset" else repo_type
+    try:
+        return fn()
+    except RevisionNotFoundError as err:
+        raise HubNotFoundError(
+            f"revision {revision!r} not found in the {kind} repo {repo_id}: pass an existing "
+            "branch, tag or commit (--revision), or omit it for 'main'.") from err
+    except EntryNotFoundError as err:
+        raise HubNotFoundError(
+            f"file {filename!r} not found in the {kind} repo {repo_id} at revision "
+            f"{revision or 'main'}: it is not an hf-attrib {kind} repo, or was pushed "
+            "incompletely; re-export and push it (`hf-attrib hub export` / `hub push`).") from err
+    except RepositoryNotFoundError as err:
+        raise HubNotFoundError(
+            f"{kind} repo {repo_id} not found (or not visible with your token): check the repo "
+            "id and --repo-type, the endpoint (HF_ENDPOINT / --endpoint), and log in with "
+            "`hf auth login` for a private repo.") from err
+
+
+def _require_token(token: str | None) -> str:
+    token = token or get_token()
+    if not token:
+        raise HubAuthError(
+            "no Hugging Face token found for this push: run `hf auth login`, or set HF_TOKEN "
+            "(a token with write access to the repo).")
+    return token
+
+
+# --------------------------------------------------------------------------------------------
+# push
+# --------------------------------------------------------------------------------------------
+def push(folder: str | Path, repo_id: str, repo_type: str | None = None, *,
+         endpoint: str | None = None, token: str | None = None, revision: str | None = None,
+         private: bool | None = None, commit_message: str | None = None,
+         large: bool = False) -> str:
+    """Upload a repo folder written by :func:`~hf_attrib.hub.export` (one commit).
+
+    Args:
+        folder: the folder (``export_dir/dataset`` or ``export_dir/checkpoints``).
+        repo_id: the target repo; created if missing (``create_repo(exist_ok=True)``).
+        repo_type: ``"dataset"`` or ``"model"``; default from the folder's index.
+        endpoint: Hub endpoint (default ``HF_ENDPOINT`` / huggingface.co).
+        token: write token (default: the saved one / ``HF_TOKEN``).
+        revision: branch to commit to (default ``main``).
+        private: visibility of a newly created repo.
+        commit_message: default ``"hf-attrib: upload <setting>"``.
+        large: use ``upload_large_folder`` (resumable, many commits) for very large sets.
+
+    Returns:
+        The commit id (``upload_folder``) or the repo URL (``upload_large_folder``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HubNotFoundError(f"{folder} is not a folder; export one with `hf-attrib hub "
+                               "export SETTING --out DIR`.")
+    index = read_index(folder)
+    repo_type = repo_type or index.get("repo_type", "dataset")
+    token = _require_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    message = commit_message or f"hf-attrib: upload {index.get('setting', folder.name)}"
+    if large:
+        api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type,
+                                revision=revision, private=private,
+                                ignore_patterns=[".cache/**"])
+        return f"{api.endpoint}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
+    info = _hub_call(lambda: api.upload_folder(
+        repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision,
+        commit_message=message, ignore_patterns=[".cache/**"]), repo_id, repo_type, revision)
+    return info.oid
+
+
+# --------------------------------------------------------------------------------------------
+# pull
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PullResult:
+    """Where :func:`pull` put things.
+
+    Attributes:
+        dataset_dir: local folder of the dataset repo (``None`` if not pulled).
+        checkpoints_dir: local folder of the checkpoint repo (``None`` if not pulled).
+        files: repo paths downloaded (or found in the cache) per repo.
+    """
+
+    dataset_dir: Path | None
+    checkpoints_dir: Path | None
+    files: dict[str, list[str]]
+
+
+def resolve_repos(setting_or_repo: str, org: str = DEFAULT_ORG) -> tuple[str, str]:
+    """``(dataset repo id, checkpoints repo id)`` of a setting name or either repo id."""
+    if "/" not in setting_or_repo:
+        from hf_attrib.benchmark.settings import get_setting
+
+        name = get_setting(setting_or_repo).name
+        return dataset_repo_id(name, org), checkpoints_repo_id(name, org)
+    if setting_or_repo.endswith(CHECKPOINTS_SUFFIX):
+        return setting_or_repo[: -len(CHECKPOINTS_SUFFIX)], setting_or_repo
+    return setting_or_repo, setting_or_repo + CHECKPOINTS_SUFFIX
+
+
+def _parse_models(models: Any) -> tuple[int, int] | None:
+    if models is None:
+        return None
+    if isinstance(models, str):
+        a, sep, b = models.partition(":")
+        if not sep:
+            raise ValueError(f"models must look like 'a:b', got {models!r}.")
+        return int(a or 0), int(b) if b else 1 << 62
+    if isinstance(models, slice):
+        if models.step not in (None, 1):
+            raise ValueError("models must be a contiguous range (step 1).")
+        return models.start or 0, models.stop if models.stop is not None else 1 << 62
+    a, b = models
+    return int(a), int(b)
+
+
+def shards_for(index: dict[str, Any], kind: str, models: Any = None) -> list[str]:
+    """Shard files of ``kind`` holding any model id in ``models`` (``a:b``; default all)."""
+    entry = index.get("kinds", {}).get(kind)
+    if entry is None:
+        raise HubNotFoundError(f"the checkpoint index has no kind {kind!r} (it has "
+                               f"{sorted(index.get('kinds', {}))}).")
+    if "file" in entry:
+        return [entry["file"]]
+    rng = _parse_models(models)
+    if rng is None:
+        return [sh["file"] for sh in entry["shards"]]
+    a, b = rng
+    if not 0 <= a < b or a >= entry["num_models"]:
+        raise ValueError(f"models {a}:{b} outside the {entry['num_models']} {kind} models.")
+    return [sh["file"] for sh in entry["shards"] if sh["start"] < b and sh["stop"] > a]
+
+
+def _verify(local: Path, index: dict[str, Any], files: Iterable[str],
+            refetch: Callable[[str], Path]) -> None:
+    """Check every downloaded file against the index's SHA-256; re-fetch a bad one once."""
+    recorded = index.get("files", {})
+    for name in files:
+        if name not in recorded:
+            continue
+        path = local / name
+        if sha256_file(path) == recorded[name]["sha256"]:
+            continue
+        logger.warning("%s does not match its recorded sha256; downloading it again", name)
+        path = refetch(name)
+        if sha256_file(path) != recorded[name]["sha256"]:
+            raise HubIntegrityError(
+                f"{name} is corrupted: its sha256 does not match the one in {INDEX_FILE} even "
+                f"after downloading it again ({path}); the copy on the Hub is damaged: "
+                "re-export and push the repo, or report it to the repo's owners.")
+
+
+def _pull_repo(repo_id: str, repo_type: str, patterns: list[str], *, out: Path | None,
+               revision: str | None, endpoint: str | None, token: str | None,
+               cache_dir: str | Path | None, index: dict[str, Any] | None,
+               verify: bool) -> tuple[Path, list[str]]:
+    kwargs = dict(repo_type=repo_type, revision=revision, endpoint=endpoint, token=token,
+                  cache_dir=cache_dir)
+    if out is not None:
+        kwargs["local_dir"] = out
+    path = Path(_hub_call(lambda: snapshot_download(repo_id, allow_patterns=patterns,
+                                                    **kwargs),
+                          repo_id, repo_type, revision))
+    got = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                 if p.is_file() and ".cache" not in p.relative_to(path).parts)
+    index = index if index is not None else read_index(path)
+    wanted = [f for f in index.get("files", {}) if any(Path(f).match(p) or f == p
+                                                         for p in patterns)]
+    missing = [f for f in wanted if not (path / f).is_file()]
+    if missing:
+        raise HubNotFoundError(f"{repo_id} at {revision or 'main'} lacks {missing} listed in its "
+                               f"{INDEX_FILE}: the repo was pushed incompletely; push it again.")
+    if verify:
+        def refetch(name: str) -> Path:
+            return Path(_hub_call(lambda: hf_hub_download(repo_id, name, force_download=True,
+                                                          **kwargs),
+                                  repo_id, repo_type, revision, name))
+
+        _verify(path, index, wanted, refetch)
+    return path, got
+
+
+def pull(setting_or_repo: str, what: Sequence[str] = WHAT, *, models: Any = None,
+         kinds: Sequence[str] | None = None, out: str | Path | None = None,
+         revision: str | None = None, endpoint: str | None = None, token: str | None = None,
+         cache_dir: str | Path | None = None, org: str = DEFAULT_ORG,
+         verify: bool = True) -> PullResult:
+    """Download (parts of) a setting's repos with ``snapshot_download(allow_patterns=...)``.
+
+    Args:
+        setting_or_repo: a setting name (``digits-lr``: repos ``<org>/digits-lr`` and
+            ``<org>/digits-lr-checkpoints``) or either repo id.
+        what: any of ``"data"`` (parquet splits), ``"ground-truth"`` (safetensors ground
+            truth) and ``"checkpoints"``.
+        models: only the checkpoint shards holding these model ids (``"a:b"``, ``slice`` or
+            ``(a, b)``); the checkpoint index is read first to find them.
+        kinds: checkpoint kinds (default all: ``full``, ``lds``, ``loo``, ``noisy``).
+        out: download into ``out/dataset`` and ``out/checkpoints`` (``local_dir``); default the
+            Hugging Face cache.
+        revision: branch, tag or commit of both repos.
+        endpoint: Hub endpoint (default ``HF_ENDPOINT``).
+        token: token for private repos.
+        cache_dir: Hugging Face cache folder.
+        org: organisation when a setting name is given.
+        verify: check each file's SHA-256 against the repo's index (a mismatch is re-fetched
+            once, then a :class:`HubIntegrityError` names the file).
+    """
+    unknown = [w for w in what if w not in WHAT]
+    if unknown:
+        raise ValueError(f"unknown --what {unknown}; use any of {', '.join(WHAT)}.")
+    ds_id, ck_id = resolve_repos(setting_or_repo, org)
+    out = Path(out) if out is not None else None
+    common = dict(revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir,
+                  verify=verify)
+    files: dict[str, list[str]] = {}
+    ds_dir = ck_dir = None
+    patterns = ["README.md", INDEX_FILE]
+    if "data" in what:
+        patterns.append("data/*")
+    if "ground-truth" in what:
+        patterns.append("ground_truth/*")
+    if len(patterns) > 2:
+        ds_dir, files[ds_id] = _pull_repo(ds_id, "dataset", patterns,
+                                          out=out / "dataset" if out else None, index=None,
+                                          **common)
+    if "checkpoints" in what:
+        kwargs = dict(repo_type="model", revision=revision, endpoint=endpoint, token=token,
+                      cache_dir=cache_dir)
+        if out is not None:
+            kwargs["local_dir"] = out / "checkpoints"
+        index_path = _hub_call(lambda: hf_hub_download(ck_id, INDEX_FILE, **kwargs),
+                               ck_id, "model", revision, INDEX_FILE)
+        index = json.loads(Path(index_path).read_text())
+        selected = list(kinds) if kinds is not None else list(index.get("kinds", {}))
+        patterns = ["README.md", INDEX_FILE, "config.json"]
+        for kind in selected:
+            patterns += shards_for(index, kind, models if kind in ("lds", "loo") else None)
+        ck_dir, files[ck_id] = _pull_repo(ck_id, "model", sorted(set(patterns)),
+                                          out=out / "checkpoints" if out else None,
+                                          index=index, **common)
+    return PullResult(ds_dir, ck_dir, files)
+
+
+# --------------------------------------------------------------------------------------------
+# push_results
+# --------------------------------------------------------------------------------------------
+def _run_path(results: dict[str, Any]) -> str:
+    setting = setting_slug(str(results.get("setting", "unknown")))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"runs/{setting}/{stamp}-{uuid.uuid4().hex[:12]}.json"
+
+
+def push_results(results: str | Path | dict[str, Any], repo_id: str, *,
+                 repo_type: str = "model", endpoint: str | None = None,
+                 token: str | None = None, max_attempts: int = 8) -> str:
+    """Add one run to a results repo and regenerate its README leaderboard.
+
+    The run goes to a new file ``runs/<setting>/<utc time>-<random>.json`` (never another run's
+    file). The README is rendered from every run in the repo plus this one and committed
+    together with it in one commit whose ``parent_commit`` is the head the runs were read at:
+    if another push lands first the Hub refuses the commit (HTTP 409/412) and this one re-reads
+    the runs and retries, so concurrent pushes all survive and the leaderboard lists them all.
+
+    Args:
+        results: a ``results.json`` written by ``hf-attrib bench run`` (path or dict).
+        repo_id: the results repo (created if missing).
+        repo_type: ``"model"`` (default; the leaderboard card carries ``model-index``).
+        endpoint: Hub endpoint.
+        token: write token (default: the saved one / ``HF_TOKEN``).
+        max_attempts: commits tried before giving up on a busy repo.
+
+    Returns:
+        The path of the run's file in the repo.
+    """
+    from hf_attrib.hub.cards import results_card
+
+    if not isinstance(results, dict):
+        path = Path(results)
+        if not path.is_file():
+            raise HubNotFoundError(f"{path} does not exist; `hf-attrib bench run` writes "
+                                   "results.json into its --out folder.")
+        results = json.loads(path.read_text())
+    if not isinstance(results, dict) or "methods" not in results:
+        raise ValueError("results must be the results.json of `hf-attrib bench run` (a JSON "
+                         "object with 'setting' and 'methods').")
+    token = _require_token(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
+    run_file = _run_path(results)
+    payload = {**results, "format": RESULTS_FORMAT,
+               "submitted_at": datetime.now(timezone.utc).isoformat()}
+    blob = json.dumps(payload, indent=2).encode()
+    cache: dict[str, dict[str, Any]] = {}
+    for attempt in range(max_attempts):
+        head = _hub_call(lambda: api.repo_info(repo_id, repo_type=repo_type, revision="main"),
+                         repo_id, repo_type, "main").sha
+        names = [f for f in _hub_call(lambda h=head: api.list_repo_files(
+            repo_id, repo_type=repo_type, revision=h), repo_id, repo_type, head)
+            if f.startswith("runs/") and f.endswith(".json")]
+        runs = []
+        for name in names:
+            if name not in cache:
+                local = _hub_call(lambda n=name, h=head: hf_hub_download(
+                    repo_id, n, repo_type=repo_type, revision=h, endpoint=endpoint,
+                    token=token), repo_id, repo_type, head, name)
+                cache[name] = json.loads(Path(local).read_text())
+            runs.append((name, cache[name]))
+        runs.append((run_file, payload))
+        card = results_card(runs, repo_id)
+        try:
+            api.create_commit(
+                repo_id, repo_type=repo_type, parent_commit=head,
+                operations=[CommitOperationAdd(run_file, blob),
+                            CommitOperationAdd("README.md", str(card).encode())],
+                commit_message=f"hf-attrib: add run {run_file}")
+            return run_file
+        except HfHubHTTPError as err:
+            status = getattr(err.response, "status_code", None)
+            if status not in (409, 412):
+                raise
+            time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + uuid.uuid4().int % 100 / 100))
+    raise HubError(f"{repo_id} kept changing while pushing {run_file} ({max_attempts} attempts):"
+                   " try again.")

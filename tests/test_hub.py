@@ -1,0 +1,347 @@
+"""hf_attrib.hub against a local Hub (olah for reads + tests/hub_server.py for writes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import DatasetCard, HfApi, ModelCard
+
+from hf_attrib.hub import (
+    HubAuthError,
+    HubIntegrityError,
+    HubNotFoundError,
+    export,
+    load_benchmark,
+    pull,
+    push,
+    push_results,
+)
+from hf_attrib.hub.layout import INDEX_FILE, sha256_file
+
+TOKEN = "hf_local_test_token_4242"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A smoke export of digits-lr: 8 LDS models in 4 shards of 2, 20 LOO models."""
+    out = tmp_path_factory.mktemp("export")
+    return out, export("digits-lr", out, smoke=True, shard_models=2)
+
+
+@pytest.fixture(scope="module")
+def pushed(local_hub, exported):
+    """The export pushed to org/digits-lr and org/digits-lr-checkpoints."""
+    _, result = exported
+    push(result.dataset_dir, "org/digits-lr", endpoint=local_hub.endpoint, token=TOKEN)
+    push(result.checkpoints_dir, "org/digits-lr-checkpoints", endpoint=local_hub.endpoint,
+         token=TOKEN)
+    return local_hub
+
+
+@pytest.fixture
+def hub_env(local_hub, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", local_hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    return local_hub
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_attrib.cli", *args], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+# ---------------------------------------------------------------------------------- layout
+def test_export_layout_and_cards_parse_back(exported):
+    out, result = exported
+    ds, ck = result.dataset_dir, result.checkpoints_dir
+    for name in ("data/train-00000-of-00001.parquet", "data/test-00000-of-00001.parquet",
+                 "data/noisy_train-00000-of-00001.parquet", "ground_truth/lds.safetensors",
+                 "ground_truth/loo.safetensors", "ground_truth/noisy_labels.safetensors",
+                 INDEX_FILE, "README.md"):
+        assert (ds / name).is_file(), name
+    index = json.loads((ck / INDEX_FILE).read_text())
+    assert [s["file"] for s in index["kinds"]["lds"]["shards"]] == [
+        f"lds/shard-0000{i}-of-00004.safetensors" for i in range(4)]
+    assert index["kinds"]["lds"]["model_map"]["5"] == "lds/shard-00002-of-00004.safetensors"
+    assert index["kinds"]["loo"]["num_models"] == 20
+    assert {"config.json", "model.safetensors"} <= {p.name for p in ck.iterdir()}
+    for name, entry in index["files"].items():  # every file hashed
+        assert sha256_file(ck / name) == entry["sha256"]
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")) \
+        and not list(out.rglob("*.pkl"))
+
+    card = DatasetCard.load(ds / "README.md")
+    assert card.data.license == "bsd-3-clause"
+    assert card.data.task_categories == ["image-classification"]
+    assert {"data-attribution", "smoke-test"} <= set(card.data.tags)
+    assert card.data.configs[0]["data_files"][0] == {"split": "train",
+                                                      "path": "data/train-*.parquet"}
+    assert "@inproceedings{deng2024dattri" in card.text
+    assert "hf-attrib hub export digits-lr" in card.text  # how to regenerate
+    model_card = ModelCard.load(ck / "README.md")
+    assert model_card.data.license == "bsd-3-clause"
+    assert model_card.data.datasets == ["hf-attrib/digits-lr"]
+    assert "SGD lr 0.01" in model_card.text and "seed 0" in model_card.text
+
+
+def test_full_data_model_loads_with_from_pretrained(exported):
+    from hf_attrib.benchmark.models import LogisticRegressionModel
+
+    _, result = exported
+    model = LogisticRegressionModel.from_pretrained(result.checkpoints_dir)
+    bench = load_benchmark("digits-lr", result.dataset_dir.parent)
+    assert torch.equal(model.classifier.weight, bench.model.classifier.weight)
+    assert bench.checkpoints["lds"][2].tolist() == list(range(8))
+    values, masks = bench.ground_truth.lds()
+    assert values.shape == (4, 12) and masks.shape == (4, 120)
+
+
+# ---------------------------------------------------------------------------------- round trip
+def test_round_trip_push_pull_bench_run_gives_the_same_lds(pushed, exported, tmp_path):
+    from hf_attrib.benchmark.runner import run_benchmark
+
+    out, _ = exported
+    methods = "if-explicit,grad-dot,trak-10"  # trak-10 -> LDS models 0-3 in smoke
+    local = run_benchmark("digits-lr", methods=methods.split(","), out_dir=out, smoke=True,
+                          progress=False)  # reuses the ground truth the export built
+    env = {"HF_ENDPOINT": pushed.endpoint, "HF_TOKEN": TOKEN,
+           "HF_HOME": str(tmp_path / "hf_home")}
+    run = _cli("bench", "run", "digits-lr", "--smoke", "--no-progress", "--methods", methods,
+               "--out", str(tmp_path / "run"), "--from-hub", "org/digits-lr", env=env)
+    assert run.returncode == 0, run.stderr
+    remote = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert remote["ground_truth_source"] == "org/digits-lr"
+    assert not (tmp_path / "run" / "ground_truth").exists()  # nothing was built
+    for a, b in zip(local["methods"], remote["methods"], strict=True):
+        assert "error" not in a and "error" not in b
+        for metric in ("lds", "loo", "auc"):
+            assert a[metric] == pytest.approx(b[metric], abs=1e-6), (a["method"], metric)
+    # The dataset repo is a real datasets repo served through olah (a fresh process: the
+    # clients read HF_ENDPOINT at import time).
+    code = ("import datasets; d = datasets.load_dataset('org/digits-lr'); "
+            "print(sorted(d), len(d['train']))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, **env})
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split("\n")[-2] == "['noisy_train', 'test', 'train'] 120"
+
+
+def test_pushing_the_same_folder_again_makes_no_commit(pushed, exported):
+    _, result = exported
+    before = pushed.head("dataset", "org/digits-lr")
+    push(result.dataset_dir, "org/digits-lr", endpoint=pushed.endpoint, token=TOKEN)
+    assert pushed.head("dataset", "org/digits-lr") == before
+
+
+def test_partial_pull_fetches_only_the_shards_holding_the_models(pushed, exported, tmp_path):
+    _, result = exported
+    pushed.requests.clear()
+    got = pull("org/digits-lr", what=("checkpoints",), kinds=("lds",), models="0:4",
+               out=tmp_path / "p", endpoint=pushed.endpoint)
+    files = sorted(p.relative_to(got.checkpoints_dir).as_posix()
+                   for p in got.checkpoints_dir.rglob("*") if p.is_file()
+                   and ".cache" not in p.parts)
+    assert files == ["README.md", "config.json", INDEX_FILE,
+                     "lds/shard-00000-of-00004.safetensors",
+                     "lds/shard-00001-of-00004.safetensors"]
+    shard_gets = sorted(path.split("/resolve/")[1].split("/", 1)[1]  # after the revision
+                        for method, path, _ in pushed.requests
+                        if method == "GET" and "/resolve/" in path and "/lds/" in path)
+    assert shard_gets == ["lds/shard-00000-of-00004.safetensors",
+                          "lds/shard-00001-of-00004.safetensors"]
+    for name in files:  # the same bytes as exported
+        assert (got.checkpoints_dir / name).read_bytes() == (
+            result.checkpoints_dir / name).read_bytes()
+    assert got.dataset_dir is None
+    from hf_attrib.hub import read_checkpoints
+
+    params, _, ids = read_checkpoints(got.checkpoints_dir, "lds", "1:3")
+    assert ids.tolist() == [1, 2] and params["classifier.weight"].shape[0] == 2
+    with pytest.raises(HubNotFoundError, match=r"lds/shard-00002-of-00004.*--models 4:6"):
+        read_checkpoints(got.checkpoints_dir, "lds", "4:6")
+
+
+# ---------------------------------------------------------------------------------- results
+def _results(method: str, lds: float) -> dict:
+    return {"setting": "digits_lr", "smoke": True, "methods": [
+        {"method": method, "lds": lds, "loo": 0.5, "auc": 0.6, "seconds": 1.0}]}
+
+
+def test_result_pushes_all_survive_also_concurrent(hub_env, monkeypatch):
+    import hf_attrib.hub.cards as cards
+
+    repo = "org/results-a"
+    first = push_results(_results("grad-dot", 0.11), repo, endpoint=hub_env.endpoint)
+    second = push_results(_results("grad-dot", 0.12), repo, endpoint=hub_env.endpoint)
+    assert first != second
+
+    # Two at once: both read the same head before either commits (a barrier in the card
+    # rendering), so one commit is refused with 412 and must retry on the new head.
+    barrier = threading.Barrier(2, timeout=60)
+    render = cards.results_card
+    calls = []
+
+    def racing_card(runs, repo_id):
+        calls.append(len(runs))
+        if len(calls) <= 2:
+            barrier.wait()
+        return render(runs, repo_id)
+
+    monkeypatch.setattr(cards, "results_card", racing_card)
+    commits_before = hub_env.commits
+    posted_before = sum(1 for m, p, _ in hub_env.requests if m == "POST" and "/commit/" in p)
+    paths, errors = [], []
+
+    def worker(method, value):
+        try:
+            paths.append(push_results(_results(method, value), repo, endpoint=hub_env.endpoint))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(m, v))
+               for m, v in (("trak-10", 0.3), ("if-cg", 0.2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    posted = sum(1 for m, p, _ in hub_env.requests if m == "POST" and "/commit/" in p)
+    assert hub_env.commits - commits_before == 2
+    assert posted - posted_before == 3  # one refused, retried
+    files = HfApi(endpoint=hub_env.endpoint).list_repo_files(repo)
+    runs = sorted(f for f in files if f.startswith("runs/"))
+    assert runs == sorted([first, second, *paths]) and len(runs) == 4
+    assert all(r.startswith("runs/digits-lr/") for r in runs)
+    from huggingface_hub import hf_hub_download
+
+    readme = ModelCard.load(hf_hub_download(repo, "README.md", endpoint=hub_env.endpoint,
+                                            cache_dir=hub_env.root / "readme-cache"))
+    for run in runs:
+        assert Path(run).stem in readme.text
+    assert "| trak-10 | 0.3000 |" in readme.text and "| if-cg | 0.2000 |" in readme.text
+    lds = sorted(r.metric_value for r in readme.data.eval_results if r.metric_type == "lds")
+    assert lds == [0.11, 0.12, 0.2, 0.3]
+
+
+def test_push_results_cli(hub_env, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(_results("rps", 0.05)))
+    done = _cli("hub", "push-results", str(path), "--repo-id", "org/results-b")
+    assert done.returncode == 0, done.stderr
+    assert "added runs/digits-lr/" in done.stdout and TOKEN not in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------------------------- integrity
+def _blob(cache: Path, name: str) -> Path:
+    link = next(cache.rglob(f"snapshots/*/{name}"))
+    return link.resolve()
+
+
+def test_interrupted_download_resumes(pushed, tmp_path, monkeypatch):
+    """The connection drops after half of a shard; the client resumes with a Range request
+    from the bytes it has (huggingface_hub 2.4 resumes within the call; it no longer reuses a
+    stale ``.incomplete`` file of another process) and the file ends complete and verified.
+    Its read chunk (10 MB) is shrunk to 1 KB so that a small shard is read in several."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1024)
+    name = "lds/shard-00000-of-00004.safetensors"
+    pushed.requests.clear()
+    pushed.interrupt.add(name)
+    got = pull("org/digits-lr", what=("checkpoints",), kinds=("lds",), models="0:2",
+               out=tmp_path / "p", endpoint=pushed.endpoint)
+    data = (got.checkpoints_dir / name).read_bytes()
+    assert sha256_file(got.checkpoints_dir / name) == json.loads(
+        (got.checkpoints_dir / INDEX_FILE).read_text())["files"][name]["sha256"]
+    ranges = [r for m, p, r in pushed.requests if m == "GET" and p.endswith(name)]
+    assert not pushed.interrupt  # the cut happened
+    have = (len(data) // 2) // 1024 * 1024  # whole chunks received before the cut
+    assert have > 0 and ranges == [None, f"bytes={have}-"]  # resumed, not restarted
+
+
+def test_corrupted_shard_is_refetched(pushed, tmp_path):
+    cache = tmp_path / "cache"
+    name = "lds/shard-00001-of-00004.safetensors"
+    pull("org/digits-lr", what=("checkpoints",), kinds=("lds",), models="2:4",
+         cache_dir=cache, endpoint=pushed.endpoint)
+    blob = _blob(cache, name)
+    good = blob.read_bytes()
+    bad = bytearray(good)
+    bad[-5] ^= 0xFF  # same size, one flipped byte in the tensor data
+    blob.write_bytes(bytes(bad))
+    got = pull("org/digits-lr", what=("checkpoints",), kinds=("lds",), models="2:4",
+               cache_dir=cache, endpoint=pushed.endpoint)
+    assert (got.checkpoints_dir / name).read_bytes() == good
+
+
+def test_corrupted_shard_on_the_hub_is_a_clear_error(local_hub, exported, tmp_path):
+    from huggingface_hub import CommitOperationAdd
+
+    _, result = exported
+    push(result.checkpoints_dir, "org/broken-checkpoints", endpoint=local_hub.endpoint,
+         token=TOKEN)
+    name = "lds/shard-00003-of-00004.safetensors"
+    bad = bytearray((result.checkpoints_dir / name).read_bytes())
+    bad[-5] ^= 0xFF
+    HfApi(endpoint=local_hub.endpoint, token=TOKEN).create_commit(
+        "org/broken-checkpoints", [CommitOperationAdd(name, bytes(bad))], commit_message="bad")
+    with pytest.raises(HubIntegrityError, match=r"lds/shard-00003-of-00004\.safetensors is "
+                                                r"corrupted"):
+        pull("org/broken-checkpoints", what=("checkpoints",), kinds=("lds",), models="6:8",
+             cache_dir=tmp_path / "cache", endpoint=local_hub.endpoint)
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_missing_repo_file_revision_are_clear_errors(pushed, tmp_path):
+    kw = dict(endpoint=pushed.endpoint, cache_dir=tmp_path / "cache")
+    with pytest.raises(HubNotFoundError, match=r"dataset repo org/nothing not found.*"
+                                               r"HF_ENDPOINT"):
+        pull("org/nothing", what=("data",), **kw)
+    with pytest.raises(HubNotFoundError, match=r"revision 'v9' not found in the dataset repo "
+                                               r"org/digits-lr"):
+        pull("org/digits-lr", what=("ground-truth",), revision="v9", **kw)
+    # A repo that exists but is not an hf-attrib checkpoint repo: its index is missing.
+    HfApi(endpoint=pushed.endpoint, token=TOKEN).create_repo("org/plain-checkpoints")
+    with pytest.raises(HubNotFoundError, match=rf"file '{INDEX_FILE}' not found in the model "
+                                               r"repo org/plain-checkpoints"):
+        pull("org/plain", what=("checkpoints",), **kw)
+    result = _cli("hub", "pull", "org/nothing", "--what", "data", "--endpoint", pushed.endpoint,
+                  env={"HF_HOME": str(tmp_path / "home")})
+    assert result.returncode == 2 and "dataset repo org/nothing not found" in result.stderr
+
+
+def test_push_without_token_is_a_clear_error(local_hub, exported, monkeypatch, tmp_path):
+    _, result = exported
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_home"))
+    with pytest.raises(HubAuthError, match=r"no Hugging Face token.*hf auth login.*HF_TOKEN"):
+        push(result.dataset_dir, "org/tokenless", endpoint=local_hub.endpoint)
+    with pytest.raises(HubAuthError):
+        push_results(_results("grad-dot", 0.1), "org/tokenless", endpoint=local_hub.endpoint)
+    assert not local_hub.repo_path("dataset", "org/tokenless").exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN",
+                                                            "HUGGING_FACE_HUB_TOKEN")}
+    done = subprocess.run([sys.executable, "-m", "hf_attrib.cli", "hub", "push",
+                           str(result.dataset_dir), "--repo-id", "org/tokenless",
+                           "--endpoint", local_hub.endpoint], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 2 and "no Hugging Face token" in done.stderr
+
+
+def test_token_is_never_printed(local_hub, exported, tmp_path):
+    _, result = exported
+    done = _cli("hub", "push", str(result.dataset_dir.parent), "--repo-id", "org/cli-push",
+                "--endpoint", local_hub.endpoint,
+                env={"HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stderr
+    assert "pushed" in done.stdout and TOKEN not in done.stdout + done.stderr
+    assert local_hub.repo_path("model", "org/cli-push-checkpoints").exists()
