@@ -316,3 +316,23 @@ def test_remote_code_is_not_run_without_trust(tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code"):
         task_from_pretrained(folder, "causal-lm")
     assert not sentinel.exists()
+
+
+def test_pre_tokenised_datasets_need_no_tokenizer_unless_padding():
+    task = task_from_pretrained(tiny_gpt2(), "causal-lm")
+    same = Dataset.from_dict({"input_ids": [[5, 6, 7, 8], [9, 10, 11, 12], [4, 4, 5, 5]]})
+    batch = next(iter(task.dataloader(same, batch_size=3)))
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    assert batch["input_ids"].tolist()[1] == [9, 10, 11, 12]
+    ragged = Dataset.from_dict({"input_ids": [[5, 6, 7], [9, 10, 11, 12]]})
+    with pytest.raises(ValueError, match="need padding, so pass the tokenizer"):
+        task.dataloader(ragged)
+
+
+def test_folder_without_tokenizer_files_gets_no_tokenizer(tmp_path):
+    # transformers would build an empty tokenizer from config.json alone; it must not be used
+    tiny_gpt2().save_pretrained(tmp_path / "m")
+    task = task_from_pretrained(tmp_path / "m", "causal-lm")
+    assert task.processor is None
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    assert len(task_from_pretrained(tmp_path / "m", "causal-lm").processor) == VOCAB

@@ -182,12 +182,23 @@ def _load_processor(model_id: str, task: str, trust_remote_code: bool,
                     revision: str | None) -> Any:
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    loader = AutoImageProcessor if task == "image-classification" else AutoTokenizer
+    image = task == "image-classification"
+    local = Path(model_id)
+    if local.is_dir() and not image and not any((local / f).exists() for f in _TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer from the config alone
+    loader = AutoImageProcessor if image else AutoTokenizer
     try:
-        return loader.from_pretrained(model_id, trust_remote_code=trust_remote_code,
-                                      revision=revision)
+        processor = loader.from_pretrained(model_id, trust_remote_code=trust_remote_code,
+                                           revision=revision)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+    if not image and len(processor) < 2:
+        return None
+    return processor
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def _load_peft(adapter_dir: str, task: str, trust_remote_code: bool, revision: str | None,
@@ -504,21 +515,49 @@ def dataloader_from_dataset(
     keep = [c for c in dataset.column_names if c in _MODEL_INPUTS or c == "labels"]
     dataset = dataset.select_columns(keep)
 
-    if task == "causal-lm" and "labels" not in dataset.column_names:
-        collate = _causal_lm_collator(processor)
-    elif task == "masked-lm" and "labels" not in dataset.column_names:
+    if task == "masked-lm" and "labels" not in dataset.column_names:
         dataset = _fixed_masking(dataset, processor, mlm_probability, seed)
-        collate = _padding_collator(processor, "masked-lm")
-    elif task == "image-classification":
+    if kind.classification and "labels" not in dataset.column_names:
+        raise ValueError(f"{task} needs a 'label' or 'labels' column (or label_column=); "
+                         f"the dataset has {dataset.column_names}.")
+    if task == "image-classification":
         from transformers import default_data_collator
         collate = default_data_collator
+    elif _equal_lengths(dataset):
+        # Pre-tokenised sequences of one length need no padding (nor a tokenizer).
+        collate = _StackCollator(task)
+    elif task == "causal-lm" and "labels" not in dataset.column_names:
+        collate = _causal_lm_collator(processor)
     else:
-        if kind.classification and "labels" not in dataset.column_names:
-            raise ValueError(f"{task} needs a 'label' or 'labels' column (or label_column=); "
-                             f"the dataset has {dataset.column_names}.")
         collate = _padding_collator(processor, task)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False,
                       collate_fn=_PlainDict(collate), num_workers=num_workers)
+
+
+def _equal_lengths(dataset: Any) -> bool:
+    if "input_ids" not in dataset.column_names:
+        return False
+    lengths = {len(ids) for ids in dataset["input_ids"]}
+    return len(lengths) == 1
+
+
+class _StackCollator:
+    """Stack equal-length pre-tokenised examples; causal-LM labels are the inputs (masked
+    positions set to -100)."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, Tensor]:
+        batch = {k: torch.stack([torch.as_tensor(f[k]) for f in features]) for k in features[0]}
+        if "labels" not in batch:
+            if self.task != "causal-lm":
+                raise ValueError(f"{self.task} needs labels; the dataset has none.")
+            labels = batch["input_ids"].clone()
+            if "attention_mask" in batch:
+                labels[batch["attention_mask"] == 0] = -100
+            batch["labels"] = labels
+        return batch
 
 
 class _PlainDict:
@@ -600,7 +639,6 @@ def _padding_collator(processor: Any, task: str) -> Callable[..., dict[str, Tens
 
 def _fixed_masking(dataset: Any, processor: Any, probability: float, seed: int) -> Any:
     """Mask ``probability`` of the non-special tokens once, reproducibly (BERT's 80/10/10)."""
-    _needs_pad(processor)
     mask_id = getattr(processor, "mask_token_id", None)
     if mask_id is None:
         raise ValueError("masked-lm without a labels column needs a tokenizer with a mask "
