@@ -83,6 +83,13 @@ def test_output_dir_gives_checkpoints_and_step_sizes(trained):
     assert scores.argmax(0).tolist() == [1, 4]
 
 
+def test_output_dir_as_the_model_argument(trained):
+    out, _, _ = trained
+    task = task_from_pretrained(out, "causal-lm", layers="last:1")
+    assert [c.rsplit("/", 1)[-1] for c in task.checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    assert task.weight_list == pytest.approx([_linear_lr(2), _linear_lr(4)])
+
+
 def test_trainer_state_fallback_without_callback_files(trained, tmp_path):
     out, _, _ = trained
     copy = tmp_path / "copy"

@@ -183,6 +183,14 @@ def test_bert_classifier_end_to_end_duplicates_rank_first():
         assert scores.argmax(0).tolist() == list(DUPS), method
     rps = task.attributor("rps").attribute(train_loader, test_loader)
     assert rps.shape == (12, 3) and torch.isfinite(rps).all()
+    # TracInCP over two (here equal) checkpoints: the weighted sum of their Grad-Dot scores
+    state = task.model.state_dict()
+    two = task_from_pretrained(task.model, "sequence-classification", layers="last:1",
+                               processor=tok, checkpoints=[state, state])
+    tracin = two.attributor("tracin", weight_list=[1.0, 2.0]).attribute(train_loader,
+                                                                         test_loader)
+    dot = task.attributor("grad-dot").attribute(train_loader, test_loader)
+    torch.testing.assert_close(tracin, 3 * dot, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["causal-lm", "sequence-classification"])

@@ -777,6 +777,12 @@ def _peft_load_func(model: nn.Module, checkpoint: Any) -> nn.Module:
     return model
 
 
+def _last_checkpoint(output_dir: str | os.PathLike) -> Path:
+    from hf_attrib.integrations.trainer import _checkpoint_folders
+
+    return _checkpoint_folders(Path(output_dir))[-1][1]
+
+
 def _unaliased(model: nn.Module, checkpoint: Any) -> Any:
     """Copy the tensors of a state-dict checkpoint that share memory with the model.
 
@@ -827,6 +833,14 @@ def task_from_pretrained(
         device: move the model there.
     """
     _kind(task)
+    if isinstance(model, (str, os.PathLike)) and not (Path(model) / "config.json").exists():
+        from hf_attrib.integrations.trainer import is_trainer_output_dir
+
+        if is_trainer_output_dir(model):
+            # A Trainer output_dir without a final save: the architecture comes from its last
+            # checkpoint, and the checkpoints default to the whole run.
+            checkpoints = model if checkpoints is None else checkpoints
+            model = _last_checkpoint(model)
     if isinstance(model, (str, os.PathLike)):
         model, loaded = load_pretrained(model, task, trust_remote_code=trust_remote_code,
                                         revision=revision, **model_kwargs)
