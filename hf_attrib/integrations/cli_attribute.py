@@ -172,7 +172,8 @@ def add_attribute_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--test-split", help="split of --test (default: test / the only one)")
     p.add_argument("--method", default="trak", choices=list(_METHODS))
     p.add_argument("--layers", help="last:N, trainable, or comma-separated module names "
-                   "(default: all parameters; adapters for a PEFT folder)")
+                   "(default: all parameters, adapters for a PEFT folder; for models of more "
+                   "than a few million parameters select a few blocks, e.g. last:2)")
     p.add_argument("--checkpoints", help="Trainer output_dir (TracInCP trajectory) or folder")
     p.add_argument("--text-column", help="column to tokenise (default: text/sentence)")
     p.add_argument("--label-column", help="class label column (default: label/labels)")
