@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from hf_attrib.distributed import gather_rows, rank_and_world, shard_range
 from hf_attrib.func.projection import Projector, make_projector
 from hf_attrib.func.utils import batch_size_of
 from hf_attrib.task import AttributionTask, CheckpointFunctions
@@ -82,6 +83,11 @@ class BaseAttributor(ABC):
         grad_chunk_size: examples per vectorised per-example-gradient call (``None``: chosen
             so that one chunk of gradients takes at most 256 MiB).
         progress: show tqdm progress bars.
+        distributed: share the work between the processes of the ``torch.distributed``
+            process group (``accelerate launch`` / ``torchrun``; see ``hf_attrib.distributed``)
+            and gather the results on every process. ``None``: whenever a group of more than
+            one process is initialised. Every process must build the same task and loaders
+            (unshuffled, without a DistributedSampler): batches are dealt out round-robin.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class BaseAttributor(ABC):
         device: torch.device | str = "cpu",
         grad_chunk_size: int | None = None,
         progress: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(task, AttributionTask):
             raise TypeError("task must be an hf_attrib.task.AttributionTask.")
@@ -98,6 +105,7 @@ class BaseAttributor(ABC):
         self.layer_name = layer_name
         self.device = torch.device(device)
         self.grad_chunk_size = grad_chunk_size
+        self.distributed = distributed
         self.progress = progress
         task.to(self.device)
         task.select_parameters(layer_name)  # fail early on an unknown layer name
@@ -125,6 +133,32 @@ class BaseAttributor(ABC):
         for batch in bar:
             size = batch_size_of(batch)
             yield offset, to_device(batch, self.device)
+            offset += size
+        if offset == 0:
+            raise ValueError(f"the {role} loader yielded no examples.")
+
+    def _world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` this attributor shares work over (``(0, 1)``: alone)."""
+        return (0, 1) if self.distributed is False else rank_and_world()
+
+    def _own_batches(self, loader: DataLoader, role: str, desc: str | None = None
+                     ) -> Iterator[tuple[int, Any]]:
+        """``(offset, batch_on_device)`` for this process's batches: ``i % world == rank``.
+
+        Other processes' batches are still read (their sizes give the offsets) but not moved
+        to the device or differentiated.
+        """
+        rank, world = self._world()
+        if world == 1:
+            yield from self._batches(loader, role, desc)
+            return
+        check_loader(loader, role)
+        offset = 0
+        bar = tqdm(loader, desc=desc or role, disable=not self.progress, leave=False)
+        for i, batch in enumerate(bar):
+            size = batch_size_of(batch)
+            if i % world == rank:
+                yield offset, to_device(batch, self.device)
             offset += size
         if offset == 0:
             raise ValueError(f"the {role} loader yielded no examples.")
@@ -174,6 +208,9 @@ class FeatureAttributor(BaseAttributor):
 
     train_kind = "loss"
     test_kind = "target"
+    # Whether ``_transform_test`` is an expensive per-row solve (CG, LiSSA) whose rows are
+    # worth sharing between processes; a matrix product is cheaper to repeat than to gather.
+    shard_solves = False
 
     def __init__(
         self,
@@ -184,8 +221,9 @@ class FeatureAttributor(BaseAttributor):
         grad_chunk_size: int | None = None,
         max_cache_bytes: int = 4 * 2**30,
         progress: bool = False,
+        distributed: bool | None = None,
     ) -> None:
-        super().__init__(task, layer_name, device, grad_chunk_size, progress)
+        super().__init__(task, layer_name, device, grad_chunk_size, progress, distributed)
         self.projector_kwargs = dict(projector_kwargs) if projector_kwargs else None
         self.max_cache_bytes = max_cache_bytes
         self._projectors: dict[int, Projector] = {}
@@ -244,10 +282,11 @@ class FeatureAttributor(BaseAttributor):
             out.append(projector(self._gradient_transform(grads), ensemble_id=fns.index))
         return torch.cat(out)
 
-    def _train_blocks(self, fns: CheckpointFunctions, loader: DataLoader
+    def _train_blocks(self, fns: CheckpointFunctions, loader: DataLoader, shard: bool = False
                       ) -> Iterator[tuple[int, Tensor, Tensor | None, Any]]:
         """``(offset, features, row_factor, batch)`` for the training loader, from the cache
-        when ``loader`` is the cached one (``batch`` is then ``None``)."""
+        when ``loader`` is the cached one (``batch`` is then ``None``). With ``shard``, a
+        computed (not cached) pass covers only this process's batches."""
         if loader is self._cache_loader and fns.index in self._train_cache:
             feats, factors = self._train_cache[fns.index]
             step = 4096
@@ -255,16 +294,53 @@ class FeatureAttributor(BaseAttributor):
                 rows = slice(start, start + step)
                 yield start, feats[rows], None if factors is None else factors[rows], None
             return
-        for offset, batch in self._batches(loader, "train", f"train features (ckpt {fns.index})"):
+        batches = self._own_batches if shard else self._batches
+        for offset, batch in batches(loader, "train", f"train features (ckpt {fns.index})"):
             feats = self._features(fns, batch, self.train_kind, offset, "train")
             yield offset, feats, self._row_factor(fns, batch), batch
 
     def _test_features(self, fns: CheckpointFunctions, loader: DataLoader) -> Tensor:
-        blocks = [
-            self._features(fns, batch, self.test_kind, offset, "test")
-            for offset, batch in self._batches(loader, "test", f"test features (ckpt {fns.index})")
-        ]
-        return torch.cat(blocks)
+        offsets, blocks = [], []
+        batches = self._own_batches(loader, "test", f"test features (ckpt {fns.index})")
+        for offset, batch in batches:
+            blocks.append(self._features(fns, batch, self.test_kind, offset, "test"))
+            offsets.append(offset)
+        return self._gather_blocks(offsets, blocks, self._count(loader), self._width(fns))
+
+    def _gather_blocks(self, offsets: list[int], blocks: list[Tensor], total: int,
+                       width: int) -> Tensor:
+        """Rows ``[B, width]`` computed by this process at ``offsets`` -> ``[total, width]``.
+
+        A process may own no batch (fewer batches than processes): it still joins the
+        collective, with zero rows.
+        """
+        if self._world()[1] == 1:
+            return torch.cat(blocks)
+        if not blocks:
+            return gather_rows(torch.zeros(0, width, device=self.device),
+                               torch.zeros(0, dtype=torch.long), total)
+        index = torch.cat([torch.arange(o, o + b.shape[0])
+                           for o, b in zip(offsets, blocks, strict=True)])
+        return gather_rows(torch.cat(blocks), index, total)
+
+    def _width(self, fns: CheckpointFunctions) -> int:
+        """Size of one feature vector (the projection's output)."""
+        return self._projector(fns).proj_dim
+
+    @property
+    def _uses_row_factor(self) -> bool:
+        """Whether ``_row_factor`` returns factors (decided up front so that every process
+        makes the same collective calls)."""
+        return False
+
+    def _transform_rows(self, fns: CheckpointFunctions, state: Any, feats: Tensor) -> Tensor:
+        """``_transform_test`` with its rows shared between processes when it is a solve."""
+        rank, world = self._world()
+        if world == 1 or not self.shard_solves:
+            return self._transform_test(fns, state, feats)
+        own = shard_range(feats.shape[0], rank, world)
+        out = self._transform_test(fns, state, feats[own.start:own.stop])
+        return gather_rows(out, torch.arange(own.start, own.stop), feats.shape[0])
 
     # -- public API --------------------------------------------------------------------------
     def cache(self, train_loader: DataLoader) -> None:
@@ -286,17 +362,26 @@ class FeatureAttributor(BaseAttributor):
         self._cache_loader = train_loader
 
     def _cache_features(self, fns: CheckpointFunctions, loader: DataLoader) -> Tensor | None:
-        """Training features of one checkpoint, kept if they fit ``max_cache_bytes``."""
+        """Training features of one checkpoint, kept if they fit ``max_cache_bytes`` (else
+        ``None``: recomputed block by block when needed).
+
+        With several processes each computes its own batches and the blocks are gathered.
+        """
+        width = self._width(fns)
+        if self._n_cache * width * 4 > self.max_cache_bytes:
+            return None
+        offsets: list[int] = []
         feats_list: list[Tensor] = []
-        factor_list: list[Tensor | None] = []
-        for _, feats, factor, _ in self._train_blocks(fns, loader):
+        factor_list: list[Tensor] = []
+        for offset, feats, factor, _ in self._train_blocks(fns, loader, shard=True):
+            offsets.append(offset)
             feats_list.append(feats)
-            factor_list.append(factor)
-            size = sum(f.numel() * f.element_size() for f in feats_list)
-            if size > self.max_cache_bytes:
-                return None  # too large to keep: recomputed block by block when needed
-        features = torch.cat(feats_list)
-        factors = None if factor_list[0] is None else torch.cat(factor_list)
+            if factor is not None:
+                factor_list.append(factor[:, None])
+        features = self._gather_blocks(offsets, feats_list, self._n_cache, width)
+        factors = None
+        if self._uses_row_factor:
+            factors = self._gather_blocks(offsets, factor_list, self._n_cache, 1)[:, 0]
         self._train_cache[fns.index] = (features, factors)
         return features
 
@@ -312,21 +397,30 @@ class FeatureAttributor(BaseAttributor):
 
     def attribute(self, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
         self._ensure_cached(train_loader)
+        n_train = self._count(train_loader)
         scores: Tensor | None = None
         row_factor: Tensor | None = None
         for c in range(self.task.num_checkpoints):
             fns = self.task.functions(c, self.layer_name)
-            test = self._transform_test(fns, self._states[c], self._test_features(fns, test_loader))
+            test = self._transform_rows(fns, self._states[c],
+                                        self._test_features(fns, test_loader))
             weight = self._weight(fns)
-            blocks = []
-            factors = []
-            for _, feats, factor, _ in self._train_blocks(fns, train_loader):
+            offsets, blocks, factors = [], [], []
+            for offset, feats, factor, _ in self._train_blocks(fns, train_loader, shard=True):
+                offsets.append(offset)
                 blocks.append(weight * (feats @ test.T))
                 factors.append(factor)
-            block = torch.cat(blocks)
+            cached = train_loader is self._cache_loader and c in self._train_cache
+            if cached:  # every process holds all features: no gathering
+                block = torch.cat(blocks)
+                f = torch.cat(factors) if self._uses_row_factor else None
+            else:
+                block = self._gather_blocks(offsets, blocks, n_train, test.shape[0])
+                f = self._gather_blocks(offsets, [x[:, None] for x in factors], n_train,
+                                        1)[:, 0] if self._uses_row_factor else None
             scores = block if scores is None else scores + block
-            if factors[0] is not None:
-                f = torch.cat(factors) / self.task.num_checkpoints
+            if f is not None:
+                f = f / self.task.num_checkpoints
                 row_factor = f if row_factor is None else row_factor + f
         assert scores is not None
         if row_factor is not None:
@@ -335,49 +429,62 @@ class FeatureAttributor(BaseAttributor):
 
     def self_attribute(self, train_loader: DataLoader) -> Tensor:
         self._ensure_cached(train_loader)
+        n_train = self._count(train_loader)
         total: Tensor | None = None
         row_factor: Tensor | None = None
         for c in range(self.task.num_checkpoints):
             fns = self.task.functions(c, self.layer_name)
             weight = self._weight(fns)
-            values, factors = [], []
-            for feats, test_raw, factor in self._self_groups(fns, train_loader):
+            index, values, factors = [], [], []
+            for rows, feats, test_raw, factor in self._self_groups(fns, train_loader):
                 test = self._transform_test(fns, self._states[c], test_raw)
+                index.append(rows)
                 values.append(weight * (feats * test).sum(dim=1))
                 factors.append(factor)
-            block = torch.cat(values)
+            block = self._gather_values(index, values, n_train)
             total = block if total is None else total + block
-            if factors[0] is not None:
-                f = torch.cat(factors) / self.task.num_checkpoints
+            if self._uses_row_factor:
+                f = self._gather_values(index, factors, n_train) / self.task.num_checkpoints
                 row_factor = f if row_factor is None else row_factor + f
         assert total is not None
         return total if row_factor is None else total * row_factor
 
+    def _gather_values(self, index: list[Tensor], values: list[Tensor], total: int) -> Tensor:
+        if not values:
+            return gather_rows(torch.zeros(0, device=self.device),
+                               torch.zeros(0, dtype=torch.long), total)
+        return gather_rows(torch.cat(values), torch.cat(index), total)
+
     def _self_groups(self, fns: CheckpointFunctions, loader: DataLoader
-                     ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
-        """``(train features, test-side features, row factor)`` of the training examples, in
-        groups of up to ``_SELF_GROUP_BYTES`` of features.
+                     ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+        """``(row indices, train features, test-side features, row factor)`` of this
+        process's share of the training examples, in groups of up to ``_SELF_GROUP_BYTES``.
 
         Each group's test side goes through ``_transform_test`` in one call (one CG or LiSSA
         solve for the whole group, not one per loader batch); cached features are read from
         the cache without touching the loader.
         """
+        rank, world = self._world()
         same_side = self.train_kind == self.test_kind or fns.target_is_loss
         cached = loader is self._cache_loader and fns.index in self._train_cache
         if cached:
             all_feats, all_factors = self._train_cache[fns.index]
         if same_side and cached:
+            own = shard_range(all_feats.shape[0], rank, world)
             step = self._group_rows(all_feats.shape[1])
-            for start in range(0, all_feats.shape[0], step):
-                rows = slice(start, start + step)
+            for start in range(own.start, own.stop, step):
+                rows = slice(start, min(start + step, own.stop))
                 factor = None if all_factors is None else all_factors[rows]
-                yield all_feats[rows], all_feats[rows], factor
+                yield (torch.arange(rows.start, rows.stop), all_feats[rows], all_feats[rows],
+                       factor)
             return
-        pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        pending: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
         rows_pending = 0
-        for offset, batch in self._batches(loader, "train", f"self-influence (ckpt {fns.index})"):
+        batches = self._own_batches(loader, "train", f"self-influence (ckpt {fns.index})")
+        for offset, batch in batches:
+            size = batch_size_of(batch)
             if cached:
-                rows = slice(offset, offset + batch_size_of(batch))
+                rows = slice(offset, offset + size)
                 feats = all_feats[rows]
                 factor = None if all_factors is None else all_factors[rows]
             else:
@@ -385,8 +492,8 @@ class FeatureAttributor(BaseAttributor):
                 factor = self._row_factor(fns, batch)
             test_raw = feats if same_side else self._features(
                 fns, batch, self.test_kind, offset, "train")
-            pending.append((feats, test_raw, factor))
-            rows_pending += feats.shape[0]
+            pending.append((torch.arange(offset, offset + size), feats, test_raw, factor))
+            rows_pending += size
             if rows_pending >= self._group_rows(feats.shape[1]):
                 yield _merge(pending)
                 pending, rows_pending = [], 0
@@ -397,9 +504,10 @@ class FeatureAttributor(BaseAttributor):
         return max(1, _SELF_GROUP_BYTES // (8 * max(dim, 1)))
 
 
-def _merge(groups: list[tuple[Tensor, Tensor, Tensor | None]]
-           ) -> tuple[Tensor, Tensor, Tensor | None]:
-    feats = torch.cat([g[0] for g in groups])
-    test = torch.cat([g[1] for g in groups])
-    factors = None if groups[0][2] is None else torch.cat([g[2] for g in groups])
-    return feats, test, factors
+def _merge(groups: list[tuple[Tensor, Tensor, Tensor, Tensor | None]]
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    index = torch.cat([g[0] for g in groups])
+    feats = torch.cat([g[1] for g in groups])
+    test = torch.cat([g[2] for g in groups])
+    factors = None if groups[0][3] is None else torch.cat([g[3] for g in groups])
+    return index, feats, test, factors

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import FeatureAttributor, to_device
+from hf_attrib.distributed import gather_rows, shard_range
 from hf_attrib.func.hessian import (
     HessianSum,
     _hvp_operator,
@@ -120,12 +121,19 @@ class IFAttributorExplicit(_IFBase):
             )
         # Columns of H are HVPs with basis vectors, computed rhs_chunk_size at a time: memory
         # stays bounded (torch.func.hessian would push all d tangents through at once).
+        # With several processes each builds its own share of the columns.
         matvec = self._hessian_matvec(fns)
-        hessian = torch.empty(d, d, dtype=torch.float64, device=self.device)
-        eye = torch.eye(d, dtype=fns.theta.dtype, device=self.device)
-        for start in range(0, d, self.rhs_chunk_size):
-            rows = slice(start, start + self.rhs_chunk_size)
-            hessian[rows] = matvec(eye[rows]).double()
+        rank, world = self._world()
+        own = shard_range(d, rank, world)
+        columns = []
+        for start in range(own.start, own.stop, self.rhs_chunk_size):
+            stop = min(start + self.rhs_chunk_size, own.stop)
+            basis = torch.zeros(stop - start, d, dtype=fns.theta.dtype, device=self.device)
+            basis[:, start:stop] = torch.eye(stop - start, dtype=basis.dtype, device=self.device)
+            columns.append(matvec(basis).double())
+        own_columns = (torch.cat(columns) if columns
+                       else torch.zeros(0, d, dtype=torch.float64, device=self.device))
+        hessian = gather_rows(own_columns, torch.arange(own.start, own.stop), d)
         hessian = (hessian + hessian.T) / 2  # symmetric up to round-off
         if self.regularization > 0:
             hessian += self.regularization * torch.eye(d, dtype=torch.float64, device=self.device)
@@ -154,6 +162,8 @@ class IFAttributorCG(_IFBase):
         super().__init__(task, layer_name, device, regularization, mode, **kwargs)
         self.max_iter = max_iter
         self.tol = tol
+
+    shard_solves = True
 
     def _prepare(self, fns, loader, features):
         matvec = self._hessian_matvec(fns)
@@ -190,6 +200,8 @@ class IFAttributorLiSSA(_IFBase):
         self.damping = damping
         self.scaling = scaling
         self.seed = seed
+
+    shard_solves = True
 
     def _prepare(self, fns, loader, features):
         dataset = getattr(loader, "dataset", None)

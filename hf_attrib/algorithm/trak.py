@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import FeatureAttributor
+from hf_attrib.distributed import all_reduce_sum
 from hf_attrib.func.utils import add_batch_dim
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
@@ -61,6 +62,10 @@ class TRAKAttributor(FeatureAttributor):
         self.correct_probability_func = correct_probability_func
         self.regularization = regularization
 
+    @property
+    def _uses_row_factor(self) -> bool:
+        return self.correct_probability_func is not None
+
     def _row_factor(self, fns: CheckpointFunctions, batch: Any) -> Tensor | None:
         if self.correct_probability_func is None:
             return None
@@ -77,13 +82,14 @@ class TRAKAttributor(FeatureAttributor):
     def _prepare(self, fns: CheckpointFunctions, loader: DataLoader,
                  features: Tensor | None) -> Tensor:
         """``(Phi^T Phi + lambda I)^{-1}`` in float64, accumulated block by block."""
-        kernel = None
-        blocks = [features] if features is not None else (
-            feats for _, feats, _, _ in self._train_blocks(fns, loader))
-        for feats in blocks:
-            f = feats.double()
-            kernel = f.T @ f if kernel is None else kernel + f.T @ f
-        assert kernel is not None
+        if features is not None:
+            kernel = features.double().T @ features.double()
+        else:  # streamed: each process sums its own batches' share, then all are added
+            width = self._width(fns)
+            kernel = torch.zeros(width, width, dtype=torch.float64, device=self.device)
+            for _, feats, _, _ in self._train_blocks(fns, loader, shard=True):
+                kernel += feats.double().T @ feats.double()
+            kernel = all_reduce_sum(kernel)
         if self.regularization > 0:
             kernel += self.regularization * torch.eye(kernel.shape[0], dtype=kernel.dtype,
                                                       device=kernel.device)

@@ -1,0 +1,98 @@
+"""Two CPU processes on gloo give the same scores as one, for every attributor.
+
+The worker (``tests/distributed_worker.py``) runs each attributor's ``cache``, ``attribute``
+(two test loaders: several batches, and a single batch that one process does not own) and
+``self_attribute``; here it runs alone and under ``torchrun`` / ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], out: Path) -> dict[str, torch.Tensor]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, str(WORKER), str(out)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return load_file(out)
+
+
+def _world_size(path: Path) -> int:
+    with safe_open(path, "pt") as f:
+        return int(f.metadata()["world_size"])
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "scores.safetensors"
+    return _run([sys.executable], out), out
+
+
+LAUNCHERS = {
+    "torchrun": lambda port: ["torchrun", "--nproc_per_node", "2", "--master_port", str(port)],
+    "accelerate": lambda port: ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                                "--num_machines", "1", "--mixed_precision", "no",
+                                "--dynamo_backend", "no", "--main_process_port", str(port)],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_match_one(single, tmp_path, launcher):
+    if shutil.which(launcher) is None:
+        pytest.skip(f"{launcher} is not on PATH")
+    ref, ref_path = single
+    out = tmp_path / "scores.safetensors"
+    got = _run(LAUNCHERS[launcher](_free_port()), out)
+    assert _world_size(ref_path) == 1 and _world_size(out) == 2
+    assert set(got) == set(ref)
+    assert len(ref) == 30  # 10 attributors x (2 test loaders + self-influence)
+    for key, value in ref.items():
+        assert got[key].shape == value.shape, key
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5 * value.abs().max(),
+                                   msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_gather_rows_refuses_incomplete_cover():
+    from hf_attrib.distributed import gather_rows
+
+    rows = torch.arange(6.0).reshape(3, 2)
+    full = gather_rows(rows, torch.tensor([2, 0, 1]), 3)
+    torch.testing.assert_close(full, rows[[1, 2, 0]])
+    with pytest.raises(RuntimeError, match="same loaders"):
+        gather_rows(rows, torch.tensor([0, 0, 1]), 3)
+
+
+def test_distributed_false_ignores_process_group(monkeypatch):
+    """``distributed=False`` keeps an attributor to itself inside a process group."""
+    import hf_attrib.algorithm.base as base
+    from hf_attrib.algorithm import GradDotAttributor
+    from hf_attrib.task import AttributionTask
+
+    monkeypatch.setattr(base, "rank_and_world", lambda: (1, 2))
+    model = torch.nn.Linear(2, 2)
+
+    def loss(params, batch):
+        return torch.func.functional_call(model, params, (batch[0],)).pow(2).mean()
+
+    task = AttributionTask(loss, model, model.state_dict())
+    assert GradDotAttributor(task, distributed=False)._world() == (0, 1)
+    assert GradDotAttributor(task)._world() == (1, 2)
