@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from hf_attrib.func.utils import flatten_params, per_sample_grad, unflatten_params
 
-__all__ = ["AttributionTask", "CheckpointFunctions", "load_state_dict_file"]
+__all__ = ["AttributionTask", "CheckpointFunctions", "load_state_dict_file",
+           "use_eager_attention"]
 
 Checkpoint = Mapping[str, Tensor] | str | os.PathLike
 LossFunc = Callable[[dict[str, Tensor], Any], Tensor]
@@ -109,7 +110,7 @@ def _check_state_dict(model: nn.Module, state: Mapping[str, Tensor], label: str)
         )
 
 
-def _use_eager_attention(model: nn.Module) -> None:
+def use_eager_attention(model: nn.Module) -> None:
     """Switch a ``transformers`` model to the eager attention implementation.
 
     The fused SDPA/flash kernels have no ``vmap`` batching rule and no double backward on CPU,
@@ -121,6 +122,24 @@ def _use_eager_attention(model: nn.Module) -> None:
     if current in (None, "eager") or not hasattr(model, "set_attn_implementation"):
         return
     model.set_attn_implementation("eager")
+
+
+_use_eager_attention = use_eager_attention  # the name integrations used first
+
+
+def _unshare(model: nn.Module, state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """Copy the tensors of ``state`` that share memory with the model's own.
+
+    ``model.state_dict()`` returns the live parameters: kept as a checkpoint, it would be
+    overwritten the first time another checkpoint is loaded into the model.
+    """
+    live = {t.untyped_storage().data_ptr() for t in model.state_dict().values()
+            if isinstance(t, Tensor)}
+    if not any(isinstance(t, Tensor) and t.untyped_storage().data_ptr() in live
+               for t in state.values()):
+        return state
+    return {k: t.detach().clone() if isinstance(t, Tensor)
+            and t.untyped_storage().data_ptr() in live else t for k, t in state.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +232,7 @@ class AttributionTask:
         # with chosen dropout layers re-enabled, and is left as it is.
         if model.training:
             model.eval()
-        _use_eager_attention(model)
+        use_eager_attention(model)
         self.model = model
         self.loss_func = _scalar(loss_func, "loss_func")
         self.target_is_loss = target_func is None or target_func is loss_func
@@ -223,7 +242,8 @@ class AttributionTask:
         self.checkpoints_load_func = checkpoints_load_func
         if isinstance(checkpoints, (Mapping, str, os.PathLike)):
             checkpoints = [checkpoints]
-        self.checkpoints = list(checkpoints)
+        self.checkpoints = [_unshare(model, c) if isinstance(c, Mapping) else c
+                            for c in checkpoints]
         if not self.checkpoints:
             raise ValueError("checkpoints is empty; pass at least one state dict or file.")
         for i, ckpt in enumerate(self.checkpoints):

@@ -379,3 +379,23 @@ def test_influence_predicts_leave_one_out_retraining():
     # Same scale, not just the same ranking: the -1/n factor makes scores LOO predictions.
     ratio = (scores * actual).sum() / (actual * actual).sum()
     assert 0.8 < ratio < 1.25
+
+
+def test_cache_budget_is_shared_by_checkpoints(lr_problem):
+    """``max_cache_bytes`` bounds all checkpoints' features together: with room for one
+    checkpoint, the second is streamed, and the scores do not change."""
+    p = lr_problem
+    second = {k: v + 0.1 for k, v in p["model"].state_dict().items()}
+    task = AttributionTask(loss_func=p["loss"], model=p["model"],
+                           checkpoints=[p["model"].state_dict(), second])
+    one_ckpt = N_TRAIN * (CLASSES * DIM + CLASSES) * 4
+    limited = TracInAttributor(task=task, weight_list=[0.5, 0.25], max_cache_bytes=one_ckpt)
+    limited.cache(p["train"])
+    assert sorted(limited._train_cache) == [0]
+    free = TracInAttributor(task=task, weight_list=[0.5, 0.25])
+    free.cache(p["train"])
+    assert sorted(free._train_cache) == [0, 1]
+    torch.testing.assert_close(limited.attribute(p["train"], p["test"]),
+                               free.attribute(p["train"], p["test"]))
+    torch.testing.assert_close(limited.self_attribute(p["train"]),
+                               free.self_attribute(p["train"]))

@@ -159,3 +159,20 @@ def test_tracin_weight_list_length_checked():
     task = AttributionTask(loss_func=f, model=model, checkpoints=[model.state_dict()] * 2)
     with pytest.raises(ValueError, match="one per checkpoint"):
         TracInAttributor(task=task, weight_list=[1.0])
+
+
+def test_live_state_dict_checkpoint_survives_loading_another():
+    """``model.state_dict()`` shares memory with the model; the task keeps its own copy."""
+    model = nn.Linear(3, 2)
+    live = model.state_dict()
+    first = {k: v.clone() for k, v in live.items()}
+    other = {k: torch.randn_like(v) for k, v in live.items()}
+
+    def loss(params, batch):
+        return torch.func.functional_call(model, params, (batch,)).sum()
+
+    task = AttributionTask(loss, model, [live, other])
+    task.load_checkpoint(1)
+    task.load_checkpoint(0)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, first[k])

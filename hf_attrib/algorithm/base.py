@@ -202,8 +202,9 @@ class FeatureAttributor(BaseAttributor):
         projector_kwargs: random projection of the gradients (``proj_dim``, ``proj_type``,
             ``proj_seed``, ...), or ``None`` for none. The projection of checkpoint ``c`` uses
             ``ensemble_id=c``.
-        max_cache_bytes: keep the training features in memory when they fit in this many bytes;
-            otherwise they are recomputed when needed.
+        max_cache_bytes: keep the training features (all checkpoints together) in memory while
+            they fit in this many bytes; a checkpoint whose features do not fit has them
+            recomputed block by block when needed.
     """
 
     train_kind = "loss"
@@ -368,8 +369,11 @@ class FeatureAttributor(BaseAttributor):
         With several processes each computes its own batches and the blocks are gathered.
         """
         width = self._width(fns)
-        if self._n_cache * width * 4 > self.max_cache_bytes:
+        used = sum(f.numel() * f.element_size() for f, _ in self._train_cache.values())
+        if used + self._n_cache * width * 4 > self.max_cache_bytes:
             return None
+        if self._world()[1] == 1:
+            return self._fill_cache(fns, loader, width)
         offsets: list[int] = []
         feats_list: list[Tensor] = []
         factor_list: list[Tensor] = []
@@ -382,6 +386,24 @@ class FeatureAttributor(BaseAttributor):
         factors = None
         if self._uses_row_factor:
             factors = self._gather_blocks(offsets, factor_list, self._n_cache, 1)[:, 0]
+        self._train_cache[fns.index] = (features, factors)
+        return features
+
+    def _fill_cache(self, fns: CheckpointFunctions, loader: DataLoader, width: int) -> Tensor:
+        """One process: write each block into a preallocated ``[n, width]`` tensor (no
+        concatenation, so the cache never exists twice in memory)."""
+        features: Tensor | None = None
+        factors: Tensor | None = None
+        for offset, feats, factor, _ in self._train_blocks(fns, loader):
+            if features is None:
+                features = feats.new_empty(self._n_cache, width)
+            rows = slice(offset, offset + feats.shape[0])
+            features[rows] = feats
+            if factor is not None:
+                if factors is None:
+                    factors = factor.new_empty(self._n_cache)
+                factors[rows] = factor
+        assert features is not None
         self._train_cache[fns.index] = (features, factors)
         return features
 

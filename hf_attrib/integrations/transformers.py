@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from hf_attrib.task import AttributionTask, _use_eager_attention
+from hf_attrib.task import AttributionTask, use_eager_attention
 
 __all__ = [
     "TASK_KINDS",
@@ -688,7 +688,7 @@ class HFAttributionTask(AttributionTask):
                  checkpoints_load_func: Callable[[nn.Module, Any], nn.Module] | None = None
                  ) -> None:
         model.eval()
-        _use_eager_attention(model)  # fused attention kernels have no vmap/double-backward rules
+        use_eager_attention(model)  # fused attention kernels have no vmap/double-backward rules
         functions = _Functions(model, task, _mask_mode(model, task))
         if target not in ("default", "loss"):
             raise ValueError(f"target must be 'default' or 'loss', got {target!r}.")
