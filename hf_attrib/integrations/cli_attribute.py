@@ -13,6 +13,7 @@ harmful (lowest score) training examples for each test example.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -114,10 +115,24 @@ def _method_kwargs(args: argparse.Namespace, n_train: int) -> dict[str, Any]:
     return kwargs
 
 
+def _launched_device(device: str) -> str:
+    """Under ``accelerate launch``/``torchrun`` with several processes, set up the process
+    group (the attributors then share the work) and return this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    return str(state.device)
+
+
 def _attribute(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
+    from hf_attrib.distributed import is_main_process
     from hf_attrib.integrations.transformers import task_from_pretrained
+
+    args.device = _launched_device(args.device)
 
     layers: Any = args.layers
     if layers and not layers.startswith("last:") and layers != "trainable":
@@ -142,6 +157,8 @@ def _attribute(args: argparse.Namespace) -> int:
                                  **_method_kwargs(args, len(train)))
     scores = attributor.attribute(train_loader, test_loader).detach().cpu().float()
     elapsed = time.perf_counter() - start
+    if not is_main_process():  # every process holds the scores; one writes and reports
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"n_train": str(scores.shape[0]), "n_test": str(scores.shape[1]),
