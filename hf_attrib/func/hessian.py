@@ -385,7 +385,11 @@ def batched_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7)
         active = rs.sqrt() > tol
         if not bool(active.any()):
             break
-        ap = matvec(p)
+        if bool(active.all()):
+            ap = matvec(p)
+        else:  # converged rows cost nothing more: HVPs only for the active ones
+            ap = torch.zeros_like(p)
+            ap[active] = matvec(p[active])
         curvature = (p * ap).sum(dim=1)
         safe = active & (curvature != 0)
         alpha = torch.where(safe, rs / torch.where(safe, curvature, 1.0), 0.0)
