@@ -345,3 +345,86 @@ def test_token_is_never_printed(local_hub, exported, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "pushed" in done.stdout and TOKEN not in done.stdout + done.stderr
     assert local_hub.repo_path("model", "org/cli-push-checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------- packaging
+_RENDER = """
+import json, sys
+import hf_attrib.hub.cards as cards
+from hf_attrib.benchmark.settings import get_setting
+cards.TEMPLATES = cards.Path("/nonexistent/hub_cards")  # no source-tree fallback
+s = get_setting("digits-lr")
+index = {"dataset_repo_id": "org/digits-lr", "checkpoints_repo_id": "org/digits-lr-checkpoints",
+         "smoke": False, "kinds": {"lds": {"num_models": 100, "shards": [{}] * 10}}}
+run = {"setting": "digits_lr", "methods": [{"method": "grad-dot", "lds": 0.25}]}
+print(json.dumps({"module": cards.__file__,
+                  "dataset": str(cards.dataset_card(s, index, ["train", "test"])),
+                  "checkpoints": str(cards.checkpoints_card(s, index)),
+                  "results": str(cards.results_card([("runs/x.json", run)], "org/res"))}))
+"""
+
+
+def _check_rendered(out: dict) -> None:
+    assert "license: bsd-3-clause" in out["dataset"] and "@inproceedings" in out["dataset"]
+    assert "hf-attrib hub export digits-lr" in out["dataset"]
+    assert "100 LDS subset models in 10 shard(s)" in out["checkpoints"]
+    assert "| grad-dot | 0.2500 |" in out["results"]
+
+
+def test_card_templates_are_package_data_not_source_tree_files(monkeypatch):
+    import importlib.resources
+
+    import hf_attrib.hub.cards as cards
+
+    root = Path(__file__).resolve().parents[1] / "hub_cards"
+    packaged = importlib.resources.files("hf_attrib.hub") / "templates"
+    names = sorted(p.name for p in root.glob("*.md"))
+    assert names == ["checkpoints_card.md", "dataset_card.md", "results_card.md"]
+    for name in names:  # the packaged templates are hub_cards/'s
+        assert (packaged / name).read_text() == (root / name).read_text()
+    monkeypatch.setattr(cards, "TEMPLATES", Path("/nonexistent/hub_cards"))
+    done = subprocess.run([sys.executable, "-c", _RENDER], capture_output=True, text=True,
+                          timeout=300, cwd="/")
+    assert done.returncode == 0, done.stderr
+    _check_rendered(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_cards_render_from_an_installed_wheel(tmp_path):
+    """Build a wheel of this checkout, install it away from the source tree and render all
+    three cards there: the templates must travel inside the wheel."""
+    import shutil
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(root / "hf_attrib", src / "hf_attrib", symlinks=True, ignore=ignore)
+    shutil.copytree(root / "hub_cards", src / "hub_cards")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "wheel"), str(src)], capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "wheel").glob("hf_attrib-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        listed = {i.filename: i for i in z.infolist()}
+        for name in ("checkpoints_card.md", "dataset_card.md", "results_card.md"):
+            info = listed[f"hf_attrib/hub/templates/{name}"]
+            assert z.read(info).decode() == (root / "hub_cards" / name).read_text()
+        assert not any(n.startswith("hub_cards/") for n in listed)
+    target = tmp_path / "site"
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", str(target),
+                                str(wheel)], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    assert (target / "hf_attrib" / "hub" / "templates" / "dataset_card.md").is_file()
+    done = subprocess.run([sys.executable, "-c", _RENDER], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(target)})
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["module"].startswith(str(target))  # the installed copy, not this checkout
+    _check_rendered(out)

@@ -1,7 +1,15 @@
-"""Render the repo cards from the templates in ``hub_cards/`` (YAML metadata + Markdown)."""
+"""Render the repo cards from the templates in ``hub_cards/`` (YAML metadata + Markdown).
+
+The templates live in ``hub_cards/`` at the repository root; ``hf_attrib/hub/templates`` is a
+symlink to it, declared as package data, so a wheel or sdist carries real copies of the files
+(setuptools follows the link) and they are read with :mod:`importlib.resources` wherever
+``hf_attrib`` is installed. A checkout where the link is not a link (git on Windows without
+symlinks) falls back to ``hub_cards/`` next to the source tree.
+"""
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +20,7 @@ from hf_attrib.benchmark.settings import BenchmarkSetting
 
 __all__ = ["CITATION", "TEMPLATES", "checkpoints_card", "dataset_card", "results_card"]
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "hub_cards"
+TEMPLATES = Path(__file__).resolve().parents[2] / "hub_cards"  # source-tree fallback
 
 CITATION = """@inproceedings{deng2024dattri,
   title     = {dattri: A Library for Efficient Data Attribution},
@@ -43,11 +51,16 @@ _TARGETS = {"classification": "the margin log p/(1-p) of the true class",
 
 
 def _template(name: str) -> str:
+    """The text of card template ``name``: packaged with hf_attrib, else from the source tree."""
+    packaged = importlib.resources.files("hf_attrib.hub").joinpath("templates", name)
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
     path = TEMPLATES / name
-    if not path.is_file():
-        raise FileNotFoundError(f"card template {path} is missing (hf_attrib reads its card "
-                                "templates from the hub_cards/ folder of its source tree).")
-    return str(path)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise FileNotFoundError(
+        f"card template {name} is missing: hf_attrib reads it from its package data "
+        f"(hf_attrib/hub/templates/{name}) or from {path}; reinstall hf_attrib.")
 
 
 def _license(setting: BenchmarkSetting) -> dict[str, Any]:
@@ -100,7 +113,7 @@ def dataset_card(setting: BenchmarkSetting, index: dict[str, Any], splits: list[
                   "data_files": [{"split": s, "path": f"data/{s}-*.parquet"} for s in splits]}],
     )
     card = DatasetCard.from_template(
-        data, template_path=_template("dataset_card.md"),
+        data, template_str=_template("dataset_card.md"),
         **_common(setting, smoke, index),
         pretty_name=f"dattri benchmark: {setting.name.replace('_', '-')}",
         repo_id=index["dataset_repo_id"], has_noisy="noisy_train" in splits,
@@ -128,7 +141,7 @@ def checkpoints_card(setting: BenchmarkSetting, index: dict[str, Any]) -> ModelC
         pipeline_tag=_TASKS[setting.kind][0],
     )
     return ModelCard.from_template(
-        data, template_path=_template("checkpoints_card.md"), **_common(setting, smoke, index),
+        data, template_str=_template("checkpoints_card.md"), **_common(setting, smoke, index),
         pretty_name=f"dattri benchmark checkpoints: {setting.name.replace('_', '-')}",
         kinds=kinds)
 
@@ -172,6 +185,6 @@ def results_card(runs: list[tuple[str, dict[str, Any]]], repo_id: str) -> ModelC
                          tags=["data-attribution", "dattri", "hf-attrib", "leaderboard"],
                          model_name="hf-attrib data attribution leaderboard",
                          eval_results=evals or None)
-    return ModelCard.from_template(data, template_path=_template("results_card.md"),
+    return ModelCard.from_template(data, template_str=_template("results_card.md"),
                                    boards=boards, n_runs=len(runs), repo_id=repo_id,
                                    citation=CITATION)
