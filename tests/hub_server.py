@@ -72,6 +72,13 @@ class LocalHub:
         # GETs of paths ending with one of these are cut off after half the body, once each
         # (a dropped connection midway through a download).
         self.interrupt: set[str] = set()
+        # (method, path, status, body bytes sent) of every proxied read: what really arrived
+        self.sent: list[tuple[str, str, int, int]] = []
+        # paths of the files of each commit made, in order
+        self.committed: list[list[str]] = []
+        # when set, only this many more commits succeed; later ones get HTTP 507 (an outage
+        # midway through a multi-commit upload)
+        self.commits_left: int | None = None
         self._lock = threading.Lock()
         self._olah: subprocess.Popen | None = None
         self._front: ThreadingHTTPServer | None = None
@@ -169,6 +176,11 @@ class LocalHub:
         """Commit onto ``branch``; raises ``_Conflict`` if ``parentCommit`` is stale."""
         path = self.repo_path(repo_type, repo_id)
         ref = f"refs/heads/{branch}"
+        with self._lock:
+            if self.commits_left is not None:
+                if self.commits_left <= 0:
+                    raise _Outage("the local hub is refusing commits (simulated outage)")
+                self.commits_left -= 1
         head = _git(path, "rev-parse", ref)
         parent = header.get("parentCommit")
         if parent and parent != head:
@@ -198,10 +210,15 @@ class LocalHub:
             raise _Conflict(f"branch {branch} moved during the commit: {err}") from None
         with self._lock:
             self.commits += 1
+            self.committed.append(sorted(files))
         return new
 
 
 class _Conflict(Exception):
+    pass
+
+
+class _Outage(Exception):
     pass
 
 
@@ -259,9 +276,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", length if length is not None else "0")
                 self.end_headers()
             elif self._cut(resp.status, body, out):
+                self.local_hub.sent.append((method, self.path, resp.status, len(body) // 2))
                 return
             else:
                 self._send(resp.status, body, out)
+                self.local_hub.sent.append((method, self.path, resp.status, len(body)))
         finally:
             conn.close()
 
@@ -403,6 +422,9 @@ class _Handler(BaseHTTPRequestHandler):
                                         deleted_folders)
         except _Conflict as err:
             self._json(412, {"error": str(err)})
+            return
+        except _Outage as err:  # 507: not one of the statuses the client retries
+            self._json(507, {"error": str(err)})
             return
         prefix = "" if repo_type == "model" else f"{repo_type}s/"
         self._json(200, {"success": True, "commitOid": oid, "pullRequestUrl": None,

@@ -22,6 +22,7 @@ from torch import Tensor
 from hf_attrib import __version__
 from hf_attrib.benchmark import runner
 from hf_attrib.benchmark.data import BenchmarkData
+from hf_attrib.benchmark.settings import BenchmarkSetting
 from hf_attrib.hub.cards import checkpoints_card, dataset_card
 from hf_attrib.hub.layout import (
     BUFFER_PREFIX,
@@ -103,7 +104,7 @@ def _models_per_shard(params: dict[str, Tensor], buffers: dict[str, Tensor],
 
 
 def export(
-    setting: str,
+    setting: str | BenchmarkSetting,
     out_dir: str | Path,
     *,
     gt_dir: str | Path | None = None,
@@ -118,7 +119,8 @@ def export(
     """Write the dataset and checkpoint repos of ``setting`` under ``out_dir``.
 
     Args:
-        setting: setting name (``"digits-lr"``).
+        setting: setting name (``"digits-lr"``), or a :class:`BenchmarkSetting` (e.g. a
+            registered one with fewer epochs; the index and cards record what was used).
         out_dir: writes ``out_dir/dataset`` and ``out_dir/checkpoints`` (replaced if present).
         gt_dir: the ground-truth build to export (as written by ``hf-attrib bench
             ground-truth``/``bench run``: ``.../ground_truth``); missing blocks are trained,

@@ -102,10 +102,14 @@ def push(folder: str | Path, repo_id: str, repo_type: str | None = None, *,
         revision: branch to commit to (default ``main``).
         private: visibility of a newly created repo.
         commit_message: default ``"hf-attrib: upload <setting>"``.
-        large: use ``upload_large_folder`` (resumable, many commits) for very large sets.
+        large: upload very large sets resumably in many commits: ``upload_large_folder`` on
+            huggingface_hub < 2; on huggingface_hub >= 2 (which removed it) ``upload_folder``
+            with ``hf_xet``, which commits in batches and skips already-committed files when
+            the same push is run again. An interrupted large push raises :class:`HubError`
+            saying to run it again.
 
     Returns:
-        The commit id (``upload_folder``) or the repo URL (``upload_large_folder``).
+        The commit id (of the last commit), or the repo URL (``upload_large_folder``).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -117,15 +121,44 @@ def push(folder: str | Path, repo_id: str, repo_type: str | None = None, *,
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     message = commit_message or f"hf-attrib: upload {index.get('setting', folder.name)}"
-    if large:
-        api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type,
-                                revision=revision, private=private,
-                                ignore_patterns=[".cache/**"])
+    if large and hasattr(api, "upload_large_folder"):  # huggingface_hub 0.25 to 1.x
+        _hub_call(lambda: api.upload_large_folder(
+            repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision,
+            private=private, ignore_patterns=[".cache/**"]), repo_id, repo_type, revision)
         return f"{api.endpoint}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
-    info = _hub_call(lambda: api.upload_folder(
-        repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision,
-        commit_message=message, ignore_patterns=[".cache/**"]), repo_id, repo_type, revision)
+    if large:  # huggingface_hub >= 2: upload_folder is the resumable multi-commit upload
+        _require_multi_commit_upload()
+    try:
+        info = _hub_call(lambda: api.upload_folder(
+            repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision,
+            commit_message=message, ignore_patterns=[".cache/**"]), repo_id, repo_type,
+            revision)
+    except HfHubHTTPError as err:
+        if not large:
+            raise
+        raise HubError(
+            f"the upload of {folder} to {repo_id} stopped midway ({err}); the files committed "
+            "so far are on the Hub: run the same push again to upload the rest (unchanged "
+            "files are skipped).") from err
     return info.oid
+
+
+def _require_multi_commit_upload() -> None:
+    """``large=True`` on huggingface_hub >= 2, which dropped ``upload_large_folder``: its
+    ``upload_folder`` commits in batches and resumes only through ``hf_xet``'s pipeline;
+    without it everything would go into one commit, which is what ``large`` is meant to avoid.
+    """
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_DISABLE_XET", False) or importlib.util.find_spec(
+            "hf_xet") is None:
+        raise HubError(
+            "push(large=True) / --large needs the resumable multi-commit upload: huggingface_hub"
+            " >= 2 has no upload_large_folder and uploads in batches of commits only with "
+            "hf_xet: `pip install hf_xet` (and do not set HF_HUB_DISABLE_XET), or push without "
+            "--large (one commit).")
 
 
 # --------------------------------------------------------------------------------------------
