@@ -516,3 +516,22 @@ def test_hessian_sum_merges_small_mean_batches_only_when_shapes_allow():
     op = HessianSum(mean_objective, theta, ragged, merge_batches=True)
     assert len(op.batches) == 3
     torch.testing.assert_close(op(v), v @ ref.T)
+
+
+def test_linearization_bytes_counts_only_what_depends_on_theta():
+    from hf_attrib.func.hessian import linearization_bytes
+
+    x = torch.randn(64, 256, dtype=torch.float64)
+    w = torch.randn(256, 256, dtype=torch.float64)
+
+    def late(t):  # a large constant computation, then a small one through theta
+        h = torch.tanh(torch.tanh(x @ w) @ w)  # [64, 256] twice, independent of theta
+        return (h[:, :4] @ t).pow(2).sum()
+
+    def early(t):  # theta enters first: everything after it depends on it
+        return torch.tanh(torch.tanh((x[:, :4] @ t[:, None]).expand(64, 256) @ w) @ w).sum()
+
+    t = torch.randn(4, dtype=torch.float64)
+    small, large = linearization_bytes(late, t), linearization_bytes(early, t)
+    assert 0 < small < 64 * 8 * 3 * 4  # a few [64]-sized results
+    assert large > 4 * 64 * 256 * 8  # the [64, 256] activations after theta

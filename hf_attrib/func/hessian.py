@@ -22,6 +22,7 @@ right-hand sides are solved together (one vectorised HVP per iteration), never o
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ __all__ = [
 
 _MODES = ("rev-rev", "rev-fwd")
 # Target size of the tangent intermediates of one vmapped HVP call (see HessianSum).
-_VMAP_BYTES = 128 * 2**20
+_VMAP_BYTES = 512 * 2**20
 # Largest linearisation that small Hessian batches are merged into (see _merge_small_batches).
 _MERGED_BYTES = 16 * 2**20
 MatVec = Callable[[Tensor], Tensor]
@@ -128,30 +129,44 @@ def _hvp_operator(objective: Callable[[Tensor], Tensor], theta: Tensor, mode: st
     return matvec
 
 
-class _OutputBytes(TorchDispatchMode):
-    """Counts the bytes of every tensor an operation returns (an activation-memory gauge)."""
+class _ParamDependentBytes(TorchDispatchMode):
+    """Sums the bytes of every intermediate result that depends on ``theta``.
 
-    def __init__(self) -> None:
+    Only those carry tangents in an HVP (and are saved by its linearisation): with a few
+    layers selected, everything computed before them is a constant of the product.
+    """
+
+    def __init__(self, theta: Tensor) -> None:
         super().__init__()
         self.total = 0
+        # id -> weak reference: the id alone could be reused by a later, unrelated tensor
+        # (and tensors cannot live in a WeakSet: their == is elementwise).
+        self._dependent: dict[int, weakref.ref] = {id(theta): weakref.ref(theta)}
+
+    def _depends(self, t: Any) -> bool:
+        ref = self._dependent.get(id(t)) if isinstance(t, Tensor) else None
+        return ref is not None and ref() is t
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                self.total += t.numel() * t.element_size()
+        if any(self._depends(t) for t in tree_flatten((args, kwargs or {}))[0]):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor):
+                    self.total += t.numel() * t.element_size()
+                    self._dependent[id(t)] = weakref.ref(t)
         return out
 
 
 def linearization_bytes(objective: Callable[[Tensor], Tensor], theta: Tensor) -> int:
-    """Estimate the memory a ``rev-rev`` HVP linearisation of ``objective`` keeps alive.
+    """Estimate the memory of an HVP of ``objective`` at ``theta``, per right-hand side.
 
-    ``torch.func`` transforms do not support saved-tensor hooks, so the saved tensors cannot be
-    counted directly; instead one forward pass is run under a dispatch mode that sums the bytes
-    of every intermediate result, and the linearisation (forward and backward intermediates
-    kept for the second differentiation) is taken as three times that.
+    ``torch.func`` transforms do not support saved-tensor hooks, so the tensors an HVP keeps
+    cannot be counted directly. Instead one forward pass runs under a dispatch mode that sums
+    the intermediate results depending on ``theta``; the HVP (forward, backward and their
+    tangents) is taken as three times that. It sizes both the ``rev-rev`` linearisation kept
+    between products and the tangents of one more vector in a vmapped product.
     """
-    gauge = _OutputBytes()
+    gauge = _ParamDependentBytes(theta)
     with torch.no_grad(), gauge:
         objective(theta)
     return 3 * gauge.total
