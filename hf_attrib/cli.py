@@ -161,7 +161,8 @@ def _add_hub(commands: argparse._SubParsersAction) -> None:
     pu.add_argument("--revision", help="branch to commit to (default main)")
     pu.add_argument("--private", action="store_true", help="create new repos private")
     pu.add_argument("--large", action="store_true",
-                    help="upload_large_folder (resumable, for very large checkpoint sets)")
+                    help="resumable multi-commit upload (for very large checkpoint sets; "
+                    "rerun the same push to continue an interrupted one)")
     pu.add_argument("--endpoint", **endpoint)
     pu.set_defaults(func=_hub_push)
     pl = cmds.add_parser("pull", help="download a setting's data, ground truth or checkpoints")
