@@ -617,11 +617,14 @@ def arnoldi_eigen(
     max_iter = min(max_iter, dim)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(dim, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    basis = [q / q.norm()]
+    # The basis lives in one preallocated matrix: rows 0..i are a view, never re-stacked.
+    basis = torch.empty(max_iter + 1, dim, dtype=dtype, device=q.device)
+    basis[0] = q / q.norm()
+    size = 1
     proj = torch.zeros(max_iter + 1, max_iter, dtype=torch.float64)
     for i in range(max_iter):
         w = matvec(basis[i][None])[0]
-        q_mat = torch.stack(basis)
+        q_mat = basis[: i + 1]
         for _ in range(2):  # classical Gram-Schmidt, twice ("twice is enough")
             coeff = q_mat @ w
             w = w - coeff @ q_mat
@@ -630,8 +633,9 @@ def arnoldi_eigen(
         proj[i + 1, i] = norm.double().cpu()
         if norm < tol:
             break
-        basis.append(w / norm)
-    m = min(len(basis), max_iter)
+        basis[i + 1] = w / norm
+        size += 1
+    m = min(size, max_iter)
     small = proj[:m, :m]
     small = (small + small.T) / 2  # the operator is symmetric: keep the symmetric part
     evals, evecs = torch.linalg.eigh(small)
@@ -639,7 +643,7 @@ def arnoldi_eigen(
     if top_k is not None:
         order = order[:top_k]
     evals, evecs = evals[order], evecs[:, order]
-    q_mat = torch.stack(basis[:m]).double()
+    q_mat = basis[:m].double()
     vectors = (evecs.T.to(q_mat.device) @ q_mat).to(dtype)
     return evals.to(dtype=dtype, device=vectors.device), vectors
 
