@@ -570,7 +570,9 @@ def run_benchmark(
         ground_truth["loo"] = (_evaluate(model, _load(model, gt_dir, "loo"), xt, yt, fns["target"]),
                                torch.tensor(loo_index),
                                _evaluate(model, full, xt, yt, fns["target"])[0])
-    trajectory = _trajectory(model, fns, x, y, setting, recipe)
+    # TracInCP's checkpoints along one training run (trained only when TracIn is run).
+    trajectory = (_trajectory(model, fns, x, y, setting, recipe) if "tracin" in methods
+                  else [])
     noisy_state = None
     if "auc" in setting.metrics:
         xn, yn = BenchmarkData.tensors(data.noisy_train)

@@ -115,6 +115,7 @@ def export(
     shard_bytes: int = _SHARD_BYTES,
     org: str = DEFAULT_ORG,
     progress: bool = False,
+    block_size: int | None = None,
 ) -> ExportResult:
     """Write the dataset and checkpoint repos of ``setting`` under ``out_dir``.
 
@@ -133,12 +134,16 @@ def export(
         shard_bytes: target shard size when ``shard_models`` is not given.
         org: organisation of the default repo ids written into the cards.
         progress: progress bars while training.
+        block_size: ground-truth models per block, when ``gt_dir`` was built with a
+            ``--block-size`` other than the default (blocks on disk must match).
     """
     out = Path(out_dir)
     gt = Path(gt_dir) if gt_dir is not None else out / "ground_truth"
     if smoke:
         loo_examples = min(loo_examples or 20, 20)
     prep = runner.prepare(setting, data_dir, smoke=smoke, cache_dir=out / "cache")
+    if block_size is not None:
+        prep.block_size = block_size
     s, model, fns = prep.setting, prep.model, prep.fns
     loo_index = runner._loo_index(s, loo_examples)
 
