@@ -269,7 +269,8 @@ def stage_ground_truth(ctx: Context) -> dict[str, Any]:
     result = export(ctx.setting_name, ctx.root / "export", gt_dir=ctx.root / "ground_truth",
                     smoke=ctx.smoke, data_dir=ctx.source_dir(), loo_examples=ctx.loo_examples,
                     shard_models=ctx.cfg.get("shard_models"), org=ctx.cfg["org"],
-                    progress=ctx.progress, block_size=ctx.done("train")["block_size"])
+                    progress=ctx.progress, block_size=ctx.done("train")["block_size"],
+                    device=ctx.device)
     return {"dataset_dir": str(result.dataset_dir), "checkpoints_dir": str(result.checkpoints_dir)}
 
 

@@ -2,6 +2,7 @@
 """Time the full-scale ground truth on random data of the real shapes (no dataset needed).
 
     python recipes/time_full_scale.py mnist-lr-lds        # the 100 LDS LR models, 5,000 x 784
+    python recipes/time_full_scale.py mnist-lr-lds --setting mnist_mlp --models 10
     python recipes/time_full_scale.py steps                # one training step of every model
 
 ``mnist-lr-lds`` trains the 100 LDS models of ``mnist_lr`` (half subsets of 5,000 examples,
@@ -23,14 +24,14 @@ import time
 import torch
 
 
-def mnist_lr_lds(num_models: int, threads: int | None) -> dict:
+def mnist_lr_lds(num_models: int, threads: int | None, setting: str = "mnist_lr") -> dict:
     from hf_attrib.benchmark.runner import build_model, classification_functions
     from hf_attrib.benchmark.settings import get_setting
     from hf_attrib.model_utils.retraining import retrain_lds
 
     if threads:
         torch.set_num_threads(threads)
-    s = get_setting("mnist_lr")
+    s = get_setting(setting)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(s.n_train, 784, generator=gen)
     y = torch.randint(0, 10, (s.n_train,), generator=gen)
@@ -46,7 +47,7 @@ def mnist_lr_lds(num_models: int, threads: int | None) -> dict:
                     momentum=s.train.momentum, weight_decay=s.train.weight_decay,
                     optimizer=s.train.optimizer, betas=s.train.betas)
         seconds = time.perf_counter() - start
-    return {"what": "mnist_lr LDS models", "models": num_models, "n_train": s.n_train,
+    return {"what": f"{s.name} LDS models", "models": num_models, "n_train": s.n_train,
             "epochs": s.train.epochs, "block_size": block, "seconds": round(seconds, 1),
             "torch_threads": torch.get_num_threads()}
 
@@ -101,8 +102,10 @@ def main() -> None:
     p.add_argument("--models", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int)
+    p.add_argument("--setting", default="mnist_lr", choices=("mnist_lr", "mnist_mlp"),
+                   help="mnist-lr-lds: time this MNIST setting's LDS models instead")
     args = p.parse_args()
-    rows = ([mnist_lr_lds(args.models, args.threads)] if args.what == "mnist-lr-lds"
+    rows = ([mnist_lr_lds(args.models, args.threads, args.setting)] if args.what == "mnist-lr-lds"
             else steps(args.repeats))
     for row in rows:
         print(json.dumps(row), flush=True)

@@ -116,6 +116,7 @@ def export(
     org: str = DEFAULT_ORG,
     progress: bool = False,
     block_size: int | None = None,
+    device: str = "cpu",
 ) -> ExportResult:
     """Write the dataset and checkpoint repos of ``setting`` under ``out_dir``.
 
@@ -136,6 +137,7 @@ def export(
         progress: progress bars while training.
         block_size: ground-truth models per block, when ``gt_dir`` was built with a
             ``--block-size`` other than the default (blocks on disk must match).
+        device: where missing models are trained and targets evaluated (``"cuda"``).
     """
     out = Path(out_dir)
     gt = Path(gt_dir) if gt_dir is not None else out / "ground_truth"
@@ -144,6 +146,7 @@ def export(
     prep = runner.prepare(setting, data_dir, smoke=smoke, cache_dir=out / "cache")
     if block_size is not None:
         prep.block_size = block_size
+    prep.model.to(device)
     s, model, fns = prep.setting, prep.model, prep.fns
     loo_index = runner._loo_index(s, loo_examples)
 
