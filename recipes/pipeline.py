@@ -37,6 +37,7 @@ temporary file and a rename; a rerun skips it. Every start, skip and finish is a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -212,7 +213,8 @@ def _share_cache(ctx: Context, folder: Path) -> None:
     cache = folder / "cache"
     if not cache.exists() and not cache.is_symlink():
         (ctx.root / "cache").mkdir(parents=True, exist_ok=True)
-        cache.symlink_to((ctx.root / "cache").resolve(), target_is_directory=True)
+        with contextlib.suppress(FileExistsError):  # another shard made it first
+            cache.symlink_to((ctx.root / "cache").resolve(), target_is_directory=True)
 
 
 def stage_data(ctx: Context) -> dict[str, Any]:
