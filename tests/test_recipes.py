@@ -317,3 +317,26 @@ def test_sharded_training_splits_the_blocks_and_a_final_run_only_checks(local_hu
     assert sum(e["trained"] for e in events) == 0 and events
     assert {p: p.stat().st_mtime_ns for p in gt.glob("*/block-*.safetensors")} == mtimes
     assert (work / "smoke" / "digits_lr" / "stages" / "train.done").is_file()
+
+
+@pytest.mark.parametrize("setting", ["digits_lr", "digits_mlp"])
+def test_readme_digits_tables_are_the_recorded_runs(setting):
+    """The numbers in recipes/README.md are those of the recorded offline runs."""
+    results = json.loads((ROOT / "recipes" / "mnist" / "results" /
+                          f"offline-{setting}.json").read_text())
+    assert results["setting"] == setting and results["search"] and not results["smoke"]
+    readme = (ROOT / "recipes" / "README.md").read_text()
+    section = readme.split(f"**`{setting}`**")[1].split("Agreement with the paper")[0]
+    names = {"if-explicit": "IF explicit", "if-cg": "IF CG", "if-lissa": "IF LiSSA",
+             "if-arnoldi": "IF Arnoldi", "tracin": "TracInCP", "grad-dot": "Grad-Dot",
+             "grad-cos": "Grad-Cos", "rps": "RPS-L2", "trak-1": "TRAK-1", "trak-10": "TRAK-10",
+             "trak-50": "TRAK-50"}
+    assert [r["method"] for r in results["methods"]] == list(names)
+    for row in results["methods"]:
+        start = f"| {names[row['method']]} "
+        line = next(ln for ln in section.splitlines() if ln.startswith(start))
+        if "error" in row:
+            assert "out of memory" in line
+            continue
+        cells = [c.strip() for c in line.split("|")]
+        assert cells[3:6] == [f"{row[m]:.3f}" for m in ("lds", "loo", "auc")], line
