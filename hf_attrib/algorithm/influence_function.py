@@ -56,7 +56,20 @@ _HESSIAN_CACHE_BYTES = 2**30
 
 
 class _IFBase(FeatureAttributor):
-    """Shared pieces: train side = loss gradients, test side = target gradients, weight -1/n."""
+    """Shared pieces: train side = loss gradients, test side = target gradients, weight -1/n.
+
+    Options every IF attributor takes (besides ``FeatureAttributor``'s):
+
+    Args:
+        regularization: :math:`\\lambda` added to the Hessian.
+        mode: HVP mode, ``"rev-rev"`` (linearisations can be kept between products) or
+            ``"rev-fwd"`` (less memory, nothing kept).
+        rhs_chunk_size: most right-hand sides in one vectorised HVP call (calls are sized
+            below it from the model's activation memory, see ``func.hessian.HessianSum``).
+        hessian_cache_bytes: memory for the per-batch HVP linearisations kept between
+            products (all checkpoints together); batches beyond it are re-linearised for
+            every product.
+    """
 
     train_kind = "loss"
     test_kind = "target"
