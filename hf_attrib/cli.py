@@ -48,27 +48,16 @@ def _bench_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        index, count = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}.") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--shard {text}: need 0 <= i < n.")
-    return index, count
-
-
 def _bench_ground_truth(args: argparse.Namespace) -> int:
     from hf_attrib.benchmark.runner import build_ground_truth, prepare
+    from hf_attrib.distributed import parse_shard
 
     prep = prepare(args.setting, args.data_dir, smoke=args.smoke)
     if args.block_size:
         prep.block_size = args.block_size
     out = args.out or f"bench-out/{prep.setting.name}"
     results = build_ground_truth(prep, f"{out}/ground_truth", args.kind, models=args.models,
-                                 shard=_parse_shard(args.shard),
+                                 shard=parse_shard(args.shard),
                                  loo_examples=args.loo_examples, progress=not args.no_progress)
     for result in results.values() if isinstance(results, dict) else [results]:
         print(f"{result.kind}: trained blocks {result.trained}, already on disk "

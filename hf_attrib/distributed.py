@@ -18,11 +18,14 @@ here is the identity.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "gather_rows", "is_main_process", "rank_and_world", "shard_range"]
+__all__ = ["all_reduce_sum", "gather_rows", "is_main_process", "parse_shard", "rank_and_world",
+           "shard_range"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -40,6 +43,30 @@ def is_main_process() -> bool:
 def shard_range(total: int, rank: int, world: int) -> range:
     """The contiguous share ``[total * rank / world, total * (rank + 1) / world)``."""
     return range(total * rank // world, total * (rank + 1) // world)
+
+
+def parse_shard(text: str | None, allow_auto: bool = False) -> tuple[int, int] | None:
+    """``"i/n"`` -> ``(i, n)`` (``None`` stays ``None``); with ``allow_auto``, ``"auto"`` takes
+    ``(RANK, WORLD_SIZE)`` from the launcher's environment.
+
+    Raises:
+        ValueError: naming the expected form.
+    """
+    if text is None:
+        return None
+    if allow_auto and text == "auto":
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError("--shard auto needs RANK/WORLD_SIZE (run under `accelerate "
+                             "launch` or torchrun), or pass --shard i/n.")
+        return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        form = "i/n (e.g. 0/4) or auto" if allow_auto else "i/n (e.g. 0/4)"
+        raise ValueError(f"--shard must look like {form}, got {text!r}.") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text}: need 0 <= i < n.")
+    return index, count
 
 
 def _comm_device(tensor: Tensor) -> torch.device:

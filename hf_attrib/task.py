@@ -124,9 +124,6 @@ def use_eager_attention(model: nn.Module) -> None:
     model.set_attn_implementation("eager")
 
 
-_use_eager_attention = use_eager_attention  # the name integrations used first
-
-
 def _unshare(model: nn.Module, state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """Copy the tensors of ``state`` that share memory with the model's own.
 

@@ -399,20 +399,12 @@ def run_stage(ctx: Context, stage: str) -> None:
 # CLI
 # --------------------------------------------------------------------------------------------
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    if text == "auto":
-        if "WORLD_SIZE" not in os.environ:
-            raise SystemExit("--shard auto needs RANK/WORLD_SIZE (run under `accelerate "
-                             "launch` or torchrun), or pass --shard i/n.")
-        return int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    from hf_attrib.distributed import parse_shard
+
     try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise SystemExit(f"--shard must look like i/n (e.g. 0/4) or auto, got {text!r}.") from None
-    if not 0 <= i < n:
-        raise SystemExit(f"--shard {text}: need 0 <= i < n.")
-    return i, n
+        return parse_shard(text, allow_auto=True)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def _device(text: str) -> str:

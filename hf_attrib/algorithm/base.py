@@ -124,35 +124,15 @@ class BaseAttributor(ABC):
         """Self-influence ``[n_train]``: each training example's score on its own target."""
 
     # -- helpers ---------------------------------------------------------------------------
-    def _batches(self, loader: DataLoader, role: str, desc: str | None = None
-                 ) -> Iterator[tuple[int, Any]]:
-        """Yield ``(offset, batch_on_device)`` in loader order."""
-        check_loader(loader, role)
-        offset = 0
-        bar = tqdm(loader, desc=desc or role, disable=not self.progress, leave=False)
-        for batch in bar:
-            size = batch_size_of(batch)
-            yield offset, to_device(batch, self.device)
-            offset += size
-        if offset == 0:
-            raise ValueError(f"the {role} loader yielded no examples.")
+    def _batches(self, loader: DataLoader, role: str, desc: str | None = None,
+                 shard: bool = False) -> Iterator[tuple[int, Any]]:
+        """Yield ``(offset, batch_on_device)`` in loader order.
 
-    def _world(self) -> tuple[int, int]:
-        """``(rank, world_size)`` this attributor shares work over (``(0, 1)``: alone)."""
-        return (0, 1) if self.distributed is False else rank_and_world()
-
-    def _own_batches(self, loader: DataLoader, role: str, desc: str | None = None
-                     ) -> Iterator[tuple[int, Any]]:
-        """``(offset, batch_on_device)`` for this process's batches: ``i % world == rank``.
-
-        Other processes' batches are still read (their sizes give the offsets) but not moved
-        to the device or differentiated.
+        With ``shard``, only this process's batches (``i % world == rank``); the others are
+        still read (their sizes give the offsets) but not moved or differentiated.
         """
-        rank, world = self._world()
-        if world == 1:
-            yield from self._batches(loader, role, desc)
-            return
         check_loader(loader, role)
+        rank, world = self._world() if shard else (0, 1)
         offset = 0
         bar = tqdm(loader, desc=desc or role, disable=not self.progress, leave=False)
         for i, batch in enumerate(bar):
@@ -162,6 +142,10 @@ class BaseAttributor(ABC):
             offset += size
         if offset == 0:
             raise ValueError(f"the {role} loader yielded no examples.")
+
+    def _world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` this attributor shares work over (``(0, 1)``: alone)."""
+        return (0, 1) if self.distributed is False else rank_and_world()
 
     def _chunk(self, dim: int) -> int:
         if self.grad_chunk_size is not None:
@@ -300,14 +284,14 @@ class FeatureAttributor(BaseAttributor):
                 rows = slice(start, start + step)
                 yield start, feats[rows], None if factors is None else factors[rows], None
             return
-        batches = self._own_batches if shard else self._batches
-        for offset, batch in batches(loader, "train", f"train features (ckpt {fns.index})"):
+        desc = f"train features (ckpt {fns.index})"
+        for offset, batch in self._batches(loader, "train", desc, shard=shard):
             feats = self._features(fns, batch, self.train_kind, offset, "train")
             yield offset, feats, self._row_factor(fns, batch), batch
 
     def _test_features(self, fns: CheckpointFunctions, loader: DataLoader) -> Tensor:
         offsets, blocks = [], []
-        batches = self._own_batches(loader, "test", f"test features (ckpt {fns.index})")
+        batches = self._batches(loader, "test", f"test features (ckpt {fns.index})", shard=True)
         for offset, batch in batches:
             blocks.append(self._features(fns, batch, self.test_kind, offset, "test"))
             offsets.append(offset)
@@ -507,7 +491,8 @@ class FeatureAttributor(BaseAttributor):
             return
         pending: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
         rows_pending = 0
-        batches = self._own_batches(loader, "train", f"self-influence (ckpt {fns.index})")
+        batches = self._batches(loader, "train", f"self-influence (ckpt {fns.index})",
+                                shard=True)
         for offset, batch in batches:
             size = batch_size_of(batch)
             if cached:

@@ -203,29 +203,32 @@ def _concat_batches(batches: Sequence[Any]) -> Any | None:
 
 
 def _merge_small_batches(objective: Callable[[Tensor, Any], Tensor], theta: Tensor,
-                         batches: list[tuple[Any, float]]) -> list[tuple[Any, float]]:
+                         batches: list[tuple[Any, float]]
+                         ) -> tuple[list[tuple[Any, float]], list[int]]:
     """Merge consecutive small batches into ones of up to ``_MERGED_BYTES`` of linearisation.
 
     On small models an HVP costs mostly per-call overhead, so one product over five batches of
     100 takes about five times as long as one over a batch of 500; a Lanczos run (one vector
     at a time) gains the most. Weights add up: the loss of a batch is its examples' mean and
     each weight is the batch's share of the training set.
+
+    Returns:
+        The new ``(batch, weight)`` list and each entry's linearisation size (a merged batch's
+        is the sum of its parts', an upper bound), so that nothing is measured twice.
     """
-    if len(batches) < 2:
-        return batches
     sizes = [linearization_bytes(lambda t, b=b: objective(t, b), theta) for b, _ in batches]
     out: list[tuple[Any, float]] = []
+    out_sizes: list[int] = []
     group: list[int] = []
 
     def flush() -> None:
-        if len(group) == 1:
-            out.append(batches[group[0]])
-        elif group:
-            merged = _concat_batches([batches[i][0] for i in group])
-            if merged is None:
-                out.extend(batches[i] for i in group)
-            else:
-                out.append((merged, sum(batches[i][1] for i in group)))
+        merged = _concat_batches([batches[i][0] for i in group]) if len(group) > 1 else None
+        if merged is None:
+            out.extend(batches[i] for i in group)
+            out_sizes.extend(sizes[i] for i in group)
+        else:
+            out.append((merged, sum(batches[i][1] for i in group)))
+            out_sizes.append(sum(sizes[i] for i in group))
 
     for i, size in enumerate(sizes):
         if group and sum(sizes[j] for j in group) + size > _MERGED_BYTES:
@@ -233,7 +236,7 @@ def _merge_small_batches(objective: Callable[[Tensor, Any], Tensor], theta: Tens
             group = []
         group.append(i)
     flush()
-    return out
+    return out, out_sizes
 
 
 class HessianSum:
@@ -269,8 +272,10 @@ class HessianSum:
         self.objective = objective
         self.theta = theta
         self.batches = list(batches)
-        if merge_batches:
-            self.batches = _merge_small_batches(objective, theta, self.batches)
+        # Linearisation sizes, measured on first use (or while deciding what to merge).
+        self._sizes: list[int | None] = [None] * len(self.batches)
+        if merge_batches and len(self.batches) > 1:
+            self.batches, self._sizes = _merge_small_batches(objective, theta, self.batches)
         self.mode = mode
         self.rhs_chunk_size = rhs_chunk_size
         self._ops: dict[int, MatVec] = {}
@@ -287,7 +292,9 @@ class HessianSum:
 
         op = _hvp_operator(objective, self.theta, self.mode)
         if b not in self._chunks:
-            size = linearization_bytes(objective, self.theta)
+            size = self._sizes[b]
+            if size is None:
+                size = linearization_bytes(objective, self.theta)
             self._chunks[b] = _vmap_chunk(size, self.rhs_chunk_size)
             if size <= self._budget:
                 self._budget -= size
