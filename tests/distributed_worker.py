@@ -90,6 +90,10 @@ def main(out: str) -> None:
         "grad-cos": GradCosAttributor(one),
         "if-explicit": IFAttributorExplicit(one, regularization=0.01, rhs_chunk_size=7),
         "if-cg": IFAttributorCG(one, regularization=0.01, max_iter=20),
+        # block CG couples the rows of a solve, and each process solves its own rows: equal
+        # once converged
+        "if-cg-block": IFAttributorCG(one, regularization=1.0, max_iter=100, tol=1e-9,
+                                      block=True),
         "if-lissa": IFAttributorLiSSA(one, batch_size=20, recursion_depth=30, damping=0.01,
                                       scaling=10.0),
         "if-arnoldi": IFAttributorArnoldi(one, proj_dim=10, max_iter=30, regularization=0.01),

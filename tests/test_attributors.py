@@ -90,6 +90,7 @@ def _if_reference(p, target=_flat_loss):
 IF_CASES = [
     (IFAttributorExplicit, dict(regularization=LAM), 1e-5),
     (IFAttributorCG, dict(regularization=LAM, max_iter=60, tol=1e-10), 1e-4),
+    (IFAttributorCG, dict(regularization=LAM, max_iter=60, tol=1e-10, block=True), 1e-4),
     # LiSSA solves (H + damping*scaling I)^-1: damping*scaling = LAM; full batches -> exact.
     (IFAttributorLiSSA, dict(batch_size=N_TRAIN, recursion_depth=400, damping=LAM / 5,
                              scaling=5.0), 1e-4),
@@ -306,17 +307,23 @@ def test_cached_and_streamed_features_agree(lr_problem):
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "streamed"])
-@pytest.mark.parametrize("cls", [IFAttributorCG, IFAttributorLiSSA])
+@pytest.mark.parametrize("cls", ["cg", "block-cg", "lissa"])
 def test_self_influence_groups_rows_across_batches(lr_problem, monkeypatch, cls, cached):
     """Self-influence solves many loader batches' rows together; the grouping (down to one
-    row per solve) must not change the values, with the target differing from the loss."""
+    row per solve) must not change the values, with the target differing from the loss
+    (block CG: once converged, as its rows share the search space)."""
     import hf_attrib.algorithm.base as base
 
     p = lr_problem
     task = AttributionTask(loss_func=p["loss"], model=p["model"],
                            checkpoints=p["model"].state_dict(), target_func=p["margin"])
-    kwargs = (dict(regularization=LAM, max_iter=30) if cls is IFAttributorCG
-              else dict(batch_size=N_TRAIN, recursion_depth=50, damping=LAM / 5, scaling=5.0))
+    cls, kwargs = {
+        "cg": (IFAttributorCG, dict(regularization=LAM, max_iter=30)),
+        "block-cg": (IFAttributorCG, dict(regularization=LAM, max_iter=30, tol=1e-9,
+                                          block=True)),
+        "lissa": (IFAttributorLiSSA, dict(batch_size=N_TRAIN, recursion_depth=50,
+                                          damping=LAM / 5, scaling=5.0)),
+    }[cls]
     attributor = cls(task=task, max_cache_bytes=2**30 if cached else 0, **kwargs)
     attributor.cache(p["train"])
     grouped = attributor.self_attribute(p["train"])  # all 40 rows in one solve

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from hf_attrib.func.hessian import (
     arnoldi_eigen,
     batched_cg,
+    block_cg,
     hvp,
     hvp_at_x,
     ihvp_arnoldi,
@@ -257,6 +261,99 @@ def test_ihvp_cg_few_iterations_is_not_exact(multi):
     out = ihvp_cg(softmax_loss, max_iter=1)((w, x, y), v.reshape(CLASSES, FEAT))
     assert not torch.allclose(out.reshape(-1), torch.linalg.solve(h, v), rtol=1e-3, atol=1e-3)
 
+
+
+def test_ihvp_cg_block_solves_all_rows_in_one_space(multi):
+    # d = 12 parameters, 4 independent right-hand sides: the block Krylov space after 3
+    # iterations is the whole space, so block CG is exact there, where plain CG is not.
+    w, x, y, h = multi
+    d = w.numel()
+    v = torch.randn(4, d, dtype=DT, generator=torch.Generator().manual_seed(6))
+    expected = torch.linalg.solve(h + 0.1 * torch.eye(d, dtype=DT), v.T).T
+    batch = v.reshape(4, CLASSES, FEAT)
+    out = ihvp_cg(softmax_loss, max_iter=d // 4, tol=0.0, regularization=0.1, block=True)(
+        (w, x, y), batch)
+    torch.testing.assert_close(out.reshape(4, d), expected, rtol=1e-8, atol=1e-8)
+    out2 = ihvp_at_x_cg(softmax_loss, w, x, y, max_iter=d // 4, tol=0.0, regularization=0.1,
+                        block=True)(batch)
+    torch.testing.assert_close(out2, out, rtol=1e-10, atol=1e-10)
+    plain = ihvp_cg(softmax_loss, max_iter=d // 4, tol=0.0, regularization=0.1)((w, x, y), batch)
+    assert not torch.allclose(plain.reshape(4, d), expected, rtol=1e-3, atol=1e-3)
+
+
+def _spd(d: int, seed: int, low: float = 0.0, high: float = 1.0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DT))
+    return q @ torch.diag(torch.logspace(low, high, d, dtype=DT)) @ q.T, q
+
+
+def test_block_cg_finite_termination_and_cost():
+    d, k = 24, 6
+    a, _ = _spd(d, 13, 0, 2)  # condition number 100
+    b = torch.randn(k, d, generator=torch.Generator().manual_seed(14), dtype=DT)
+    calls = []
+
+    def matvec(m):
+        calls.append(m.shape[0])
+        return m @ a
+
+    out = block_cg(matvec, b, max_iter=d // k, tol=0.0)
+    torch.testing.assert_close(out, torch.linalg.solve(a, b.T).T, rtol=1e-8, atol=1e-8)
+    assert calls == [k] * (d // k)  # one call of k rows per iteration
+    # stops early on convergence
+    calls.clear()
+    block_cg(matvec, b, max_iter=100, tol=1e-10)
+    assert len(calls) <= d // k + 1
+
+
+def test_block_cg_rank_deficient_right_hand_sides():
+    # repeated, scaled and zero rows: the breakdown-free block drops dependent directions
+    # (the plain block recursion would invert a singular matrix)
+    d = 20
+    a, _ = _spd(d, 15)
+    u, w = torch.randn(2, d, generator=torch.Generator().manual_seed(16), dtype=DT)
+    b = torch.stack([u, u, -2 * u, torch.zeros(d, dtype=DT), w, u + w])
+    calls = []
+
+    def matvec(m):
+        calls.append(m.shape[0])
+        return m @ a
+
+    out = block_cg(matvec, b, max_iter=d, tol=1e-11)
+    torch.testing.assert_close(out, torch.linalg.solve(a, b.T).T, rtol=1e-8, atol=1e-8)
+    assert calls[0] == 2 and max(calls) <= 2  # the block spans two directions, not six
+    assert torch.equal(out[3], torch.zeros(d, dtype=DT))
+
+
+def test_block_cg_converged_rows_leave_the_block():
+    d = 16
+    a, q = _spd(d, 17)
+    b = torch.stack([q[:, 0], torch.randn(d, generator=torch.Generator().manual_seed(18),
+                                          dtype=DT)])
+    b[0] *= 3.0  # an eigenvector: solved exactly by the first block
+    calls = []
+
+    def matvec(m):
+        calls.append(m.shape[0])
+        return m @ a
+
+    out = block_cg(matvec, b, max_iter=100, tol=1e-10)
+    torch.testing.assert_close(out, torch.linalg.solve(a, b.T).T, rtol=1e-8, atol=1e-8)
+    assert calls[0] == 2 and all(c == 1 for c in calls[1:])
+
+
+@pytest.mark.parametrize("solver", [batched_cg, block_cg])
+def test_cg_warns_on_indefinite_systems(solver):
+    d = 10
+    a, _ = _spd(d, 19)
+    a = a - 3 * torch.eye(d, dtype=DT)  # eigenvalues in [-2, 7]: indefinite
+    b = torch.randn(3, d, generator=torch.Generator().manual_seed(20), dtype=DT)
+    with pytest.warns(RuntimeWarning, match="not positive definite.*Raise regularization"):
+        solver(lambda m: m @ a, b, max_iter=d)
+    spd = a + 3 * torch.eye(d, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solver(lambda m: m @ spd, b, max_iter=d)
 
 def test_lissa_rev_fwd(binary):
     w, x, y, h = binary
