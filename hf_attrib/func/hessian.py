@@ -489,9 +489,10 @@ def _orthonormal_rows(z: Tensor, rank_tol: float) -> Tensor:
     keeps its directions; a direction is dropped when its singular value is below ``rank_tol``
     times the largest (never below what ``z``'s precision resolves through the Gram matrix).
     The ``[k, d]`` products stay in ``z``'s dtype; only the ``k x k`` eigenproblem is float64.
+    ``z`` is overwritten (callers pass a fresh tensor).
     """
     rank_tol = max(rank_tol, 10 * torch.finfo(z.dtype).eps ** 0.5)
-    z = z / z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    z = z.div_(z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny))
     s, u = torch.linalg.eigh((z @ z.T).double())
     keep = s > (rank_tol**2) * s[-1].clamp_min(torch.finfo(torch.float64).tiny)
     return (u[:, keep] / s[keep].sqrt()).T.to(z.dtype) @ z
@@ -554,15 +555,15 @@ def block_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
             _warn_indefinite("Block CG")
             warned = True
         alpha = solve((p @ r.T).double()).to(b.dtype)  # [m, k]
-        x += alpha.T @ p
+        x.addmm_(alpha.T, p)  # in place, as in batched_cg
         if it == max_iter - 1:
             break  # the next residual and search block would go unused
-        r -= alpha.T @ ap
+        r.addmm_(alpha.T, ap, alpha=-1.0)
         active = r.norm(dim=1) > tol
         if not bool(active.any()):
             break
         beta = solve((ap @ r[active].T).double()).to(b.dtype)
-        p = _orthonormal_rows(r[active] - beta.T @ p, rank_tol)
+        p = _orthonormal_rows(torch.addmm(r[active], beta.T, p, alpha=-1.0), rank_tol)
     return x
 
 
