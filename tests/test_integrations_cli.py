@@ -93,6 +93,37 @@ def test_attribute_classifier_trak_from_csv_and_parquet(saved, capsys):
     assert len(ltrain) == scores.shape[0]
 
 
+def test_attribute_block_cg_equals_explicit(saved, capsys):
+    """``--method if-cg --block-cg`` reaches the explicit-Hessian scores, and with 2 iterations
+    gives other scores than plain CG with 2 (the flag reaches the solver)."""
+    root = saved[0]
+    # c_proj of the last block: 4,128 parameters, lowest Hessian eigenvalue -1.03, so
+    # regularization 1.5 makes H + lambda I positive definite (block CG's domain)
+    common = ["attribute", "--model", str(root / "gpt2"), "--task", "causal-lm",
+              "--train", str(root / "train"), "--test", str(root / "test.jsonl"),
+              "--layers", "transformer.h.1.mlp.c_proj", "--regularization", "1.5",
+              "--batch-size", "6", "--no-progress"]
+    scores = {}
+    for name, extra in (("explicit", ["--method", "if-explicit"]),
+                        ("block", ["--method", "if-cg", "--block-cg", "--max-iter", "100"]),
+                        ("block2", ["--method", "if-cg", "--block-cg", "--max-iter", "2"]),
+                        ("plain2", ["--method", "if-cg", "--max-iter", "2"])):
+        out = root / f"{name}.safetensors"
+        result = _main(capsys, *common, *extra, "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        with safe_open(str(out), "pt") as f:
+            scores[name] = f.get_tensor("scores")
+    ref = scores["explicit"]
+    tol = dict(rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+    torch.testing.assert_close(scores["block"], ref, **tol)
+    assert not torch.allclose(scores["block2"], scores["plain2"], **tol)
+    bad = root / "bad.safetensors"
+    result = _main(capsys, *common, "--method", "trak", "--block-cg", "--out", str(bad))
+    assert result.returncode == 2
+    assert "--block-cg applies to --method if-cg only (got --method trak)" in result.stderr
+    assert not bad.exists()
+
+
 def test_attribute_errors_are_clear(saved, capsys):
     root = saved[0]
     common = ["--train", str(root / "train"), "--test", str(root / "test.jsonl")]

@@ -498,13 +498,15 @@ def _orthonormal_rows(z: Tensor, rank_tol: float) -> Tensor:
     return (u[:, keep] / s[keep].sqrt()).T.to(z.dtype) @ z
 
 
-def _symmetric_solver(matrix: Tensor) -> tuple[Callable[[Tensor], Tensor], bool]:
-    """``rhs -> matrix^-1 rhs`` by Cholesky, and whether ``matrix`` is positive definite
-    (if not, a least-squares solve)."""
-    chol, info = torch.linalg.cholesky_ex(matrix)
-    if int(info) == 0:
-        return (lambda rhs: torch.cholesky_solve(rhs, chol)), True
-    return (lambda rhs: torch.linalg.lstsq(matrix, rhs).solution), False
+def _symmetric_solver(matrix: Tensor, rtol: float) -> tuple[Callable[[Tensor], Tensor], bool]:
+    """``rhs -> matrix^+ rhs`` for a symmetric ``matrix`` (eigenvalues within ``rtol`` of the
+    largest magnitude count as zero: round-off, not curvature), and whether it is positive
+    semi-definite up to that tolerance."""
+    evals, evecs = torch.linalg.eigh(matrix)
+    cutoff = rtol * evals.abs().max()
+    keep = evals.abs() > cutoff
+    inverse = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+    return (lambda rhs: inverse @ rhs), bool(evals.min() >= -cutoff)
 
 
 def block_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
@@ -550,7 +552,9 @@ def block_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
         ap = matvec(p)
         # [k, d] products in b's dtype; the small m x m systems are solved in float64.
         curvature = (p @ ap.T).double()
-        solve, positive = _symmetric_solver((curvature + curvature.T) / 2)
+        # P A P^T from b's precision: eigenvalues below its round-off are not curvature
+        solve, positive = _symmetric_solver((curvature + curvature.T) / 2,
+                                            100 * torch.finfo(b.dtype).eps)
         if not positive and not warned:
             _warn_indefinite("Block CG")
             warned = True

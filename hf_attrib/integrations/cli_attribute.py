@@ -110,6 +110,8 @@ def _method_kwargs(args: argparse.Namespace, n_train: int) -> dict[str, Any]:
                                     else 1e-2)
         if args.method in ("if-cg", "if-arnoldi"):
             kwargs["max_iter"] = args.max_iter
+        if args.block_cg:
+            kwargs["block"] = True
     if args.method == "rps" and args.regularization is not None:
         kwargs["l2_strength"] = args.regularization
     return kwargs
@@ -126,12 +128,25 @@ def _launched_device(device: str) -> str:
     return str(state.device)
 
 
+def _close_process_group() -> None:
+    """Leave the process group together: a process that exits while the others still hold
+    the gloo group open can abort (SIGABRT) at interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _attribute(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from hf_attrib.distributed import is_main_process
     from hf_attrib.integrations.transformers import task_from_pretrained
 
+    if args.block_cg and args.method != "if-cg":
+        raise ValueError(f"--block-cg applies to --method if-cg only (got --method "
+                         f"{args.method}); drop it or use --method if-cg.")
     args.device = _launched_device(args.device)
 
     layers: Any = args.layers
@@ -157,7 +172,9 @@ def _attribute(args: argparse.Namespace) -> int:
                                  **_method_kwargs(args, len(train)))
     scores = attributor.attribute(train_loader, test_loader).detach().cpu().float()
     elapsed = time.perf_counter() - start
-    if not is_main_process():  # every process holds the scores; one writes and reports
+    main = is_main_process()
+    _close_process_group()
+    if not main:  # every process holds the scores; one writes and reports
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +219,9 @@ def add_attribute_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--regularization", type=float,
                    help="TRAK kernel / IF Hessian damping / RPS l2 (method defaults otherwise)")
     p.add_argument("--max-iter", type=int, default=10, help="IF-CG / Arnoldi iterations")
+    p.add_argument("--block-cg", action="store_true",
+                   help="IF-CG: solve all test gradients in one shared Krylov space (block "
+                        "CG: fewer iterations; needs H + regularization*I positive definite)")
     p.add_argument("--out", default="scores.safetensors")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
