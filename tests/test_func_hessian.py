@@ -323,6 +323,11 @@ def test_block_cg_rank_deficient_right_hand_sides():
     torch.testing.assert_close(out, torch.linalg.solve(a, b.T).T, rtol=1e-8, atol=1e-8)
     assert calls[0] == 2 and max(calls) <= 2  # the block spans two directions, not six
     assert torch.equal(out[3], torch.zeros(d, dtype=DT))
+    # nothing to solve: no matvec at all
+    calls.clear()
+    for empty in (torch.zeros(3, d, dtype=DT), torch.zeros(0, d, dtype=DT)):
+        assert torch.equal(block_cg(matvec, empty), empty)
+    assert calls == []
 
 
 def test_block_cg_converged_rows_leave_the_block():

@@ -17,7 +17,9 @@ Each comes in two call forms, as in the paper's Demo 2:
   once and reused for every ``v``.
 
 ``v`` is one vector shaped like ``x[argnums]`` or a batch ``[k, *x[argnums].shape]``; all ``k``
-right-hand sides are solved together (one vectorised HVP per iteration), never one by one.
+right-hand sides are solved together (one vectorised HVP per iteration), never one by one;
+``ihvp_cg(..., block=True)`` goes further and solves them in one shared Krylov space
+(``block_cg``).
 """
 
 from __future__ import annotations
@@ -491,6 +493,8 @@ def _orthonormal_rows(z: Tensor, rank_tol: float) -> Tensor:
     The ``[k, d]`` products stay in ``z``'s dtype; only the ``k x k`` eigenproblem is float64.
     ``z`` is overwritten (callers pass a fresh tensor).
     """
+    if z.shape[0] == 0:
+        return z
     rank_tol = max(rank_tol, 10 * torch.finfo(z.dtype).eps ** 0.5)
     z = z.div_(z.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny))
     s, u = torch.linalg.eigh((z @ z.T).double())
