@@ -523,9 +523,9 @@ def block_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
     :math:`A`-conjugate to the previous block:
 
     .. math::
-        lpha = (P A P^	op)^{-1} P R^	op,\quad X \mathrel{+}= lpha^	op P,\quad
-        R \mathrel{-}= lpha^	op A P,\quad
-        P \leftarrow \operatorname{orth}ig(R - (A P\, R^	op)^	op (P A P^	op)^{-1} Pig).
+        \alpha = (P A P^\top)^{-1} P R^\top,\quad X \mathrel{+}= \alpha^\top P,\quad
+        R \mathrel{-}= \alpha^\top A P,\quad
+        P \leftarrow \operatorname{orth}\big(R - (A P\, R^\top)^\top (P A P^\top)^{-1} P\big).
 
     After :math:`j` iterations each row minimises its :math:`A`-norm error over the block
     Krylov space :math:`\operatorname{span}\{B, AB, \dots, A^{j-1}B\}`, of dimension up to
