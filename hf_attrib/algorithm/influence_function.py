@@ -180,8 +180,8 @@ class IFAttributorCG(_IFBase):
             each. On a positive-definite system 2 block iterations reached the accuracy of 10
             plain ones on the digits MLP (``recipes/speed/bench_cg_accuracy.py``); the price
             is that each row depends on the others in its solve until converged (with several
-            processes, each solves its own share of rows), and an indefinite system diverges
-            sooner than with plain CG.
+            processes, each solves its own share of rows). On an indefinite system it warns
+            and falls back to plain CG.
     """
 
     def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,

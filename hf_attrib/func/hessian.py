@@ -419,19 +419,20 @@ def ihvp_at_x_explicit(
 # --------------------------------------------------------------------------------------------
 # Conjugate gradients
 # --------------------------------------------------------------------------------------------
-def _warn_indefinite(solver: str) -> None:
+def _warn_indefinite(solver: str, consequence: str = "") -> None:
     warnings.warn(
         f"{solver} met non-positive curvature: H + regularization * I is not positive definite "
-        "along its search directions, so the result is not (H + regularization * I)^-1 v. "
-        "Raise regularization above the magnitude of the most negative Hessian eigenvalue "
-        "(see func.hessian.arnoldi_eigen), or use the Arnoldi solver, which inverts only the "
-        "top eigenpairs.",
+        f"along its search directions, so the result is not (H + regularization * I)^-1 v"
+        f"{consequence}. Raise regularization above the magnitude of the most negative Hessian "
+        "eigenvalue (see func.hessian.arnoldi_eigen), or use the Arnoldi solver, which inverts "
+        "only the top eigenpairs.",
         RuntimeWarning,
         stacklevel=3,
     )
 
 
-def batched_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7) -> Tensor:
+def batched_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
+               warn_indefinite: bool = True) -> Tensor:
     """Solve ``A X = B`` for ``k`` right-hand sides at once with conjugate gradients.
 
     Each row of ``b`` runs its own CG recursion (its own step sizes), but every iteration makes
@@ -444,6 +445,7 @@ def batched_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7)
         b: right-hand sides ``[k, d]``.
         max_iter: iteration cap.
         tol: absolute residual-norm tolerance.
+        warn_indefinite: warn on non-positive curvature.
     """
     # Updates are in place: on CPU every fresh [k, d] temporary is new memory to fault in,
     # which cost as much as the HVPs on a 17k-parameter MLP.
@@ -451,7 +453,7 @@ def batched_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7)
     r = b.clone()
     p = r.clone()
     rs = _row_dots(r, r)
-    warned = False
+    warned = not warn_indefinite
     for it in range(max_iter):
         active = rs.sqrt() > tol
         if not bool(active.any()):
@@ -536,7 +538,9 @@ def block_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
 
     Unlike ``batched_cg``, a row's result depends on the other rows (they share the search
     space) until converged. Needs ``A`` symmetric positive definite, more strictly than CG: on
-    an indefinite ``A`` the shared recursion can diverge, and it warns (``RuntimeWarning``).
+    an indefinite ``A`` the shared recursion diverges (measured on a network Hessian), so at
+    the first block with non-positive curvature it warns (``RuntimeWarning``) and solves with
+    ``batched_cg`` instead, whose independent recursions degrade gracefully.
 
     Args:
         matvec: ``[m, d] -> [m, d]``, a symmetric positive-definite operator applied row-wise.
@@ -549,7 +553,6 @@ def block_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
     r = b.clone()
     active = r.norm(dim=1) > tol
     p = _orthonormal_rows(r[active], rank_tol)
-    warned = False
     for it in range(max_iter):
         if p.shape[0] == 0:
             break
@@ -559,9 +562,10 @@ def block_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
         # P A P^T from b's precision: eigenvalues below its round-off are not curvature
         solve, positive = _symmetric_solver((curvature + curvature.T) / 2,
                                             100 * torch.finfo(b.dtype).eps)
-        if not positive and not warned:
-            _warn_indefinite("Block CG")
-            warned = True
+        if not positive:
+            _warn_indefinite("Block CG", "; it falls back to plain CG (one recursion per "
+                             "right-hand side), which degrades more gracefully")
+            return batched_cg(matvec, b, max_iter=max_iter, tol=tol, warn_indefinite=False)
         alpha = solve((p @ r.T).double()).to(b.dtype)  # [m, k]
         x.addmm_(alpha.T, p)  # in place, as in batched_cg
         if it == max_iter - 1:
