@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "gather_rows", "is_main_process", "parse_shard", "rank_and_world",
-           "shard_range"]
+__all__ = ["all_reduce_sum", "close_process_group", "gather_rows", "is_main_process",
+           "parse_shard", "rank_and_world", "shard_range"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -33,6 +33,15 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def close_process_group() -> None:
+    """Leave the process group together (barrier, then destroy); nothing without one. A
+    process that exits while the others still hold a gloo group open can abort (SIGABRT) at
+    interpreter exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

@@ -38,6 +38,7 @@ from hf_attrib.func.hessian import (
     arnoldi_eigen,
     batched_cg,
     block_cg,
+    hessian_columns,
     linearization_bytes,
     lissa_recursion,
 )
@@ -136,20 +137,11 @@ class IFAttributorExplicit(_IFBase):
                 f"({d * d * 8 / 2**30:.1f} GiB). Select fewer parameters with layer_name, or "
                 "use IFAttributorCG, IFAttributorLiSSA or IFAttributorArnoldi."
             )
-        # Columns of H are HVPs with basis vectors, computed rhs_chunk_size at a time: memory
-        # stays bounded (torch.func.hessian would push all d tangents through at once).
         # With several processes each builds its own share of the columns.
-        matvec = self._hessian_matvec(fns)
         rank, world = self._world()
         own = shard_range(d, rank, world)
-        columns = []
-        for start in range(own.start, own.stop, self.rhs_chunk_size):
-            stop = min(start + self.rhs_chunk_size, own.stop)
-            basis = torch.zeros(stop - start, d, dtype=fns.theta.dtype, device=self.device)
-            basis[:, start:stop] = torch.eye(stop - start, dtype=basis.dtype, device=self.device)
-            columns.append(matvec(basis).double())
-        own_columns = (torch.cat(columns) if columns
-                       else torch.zeros(0, d, dtype=torch.float64, device=self.device))
+        own_columns = hessian_columns(self._hessian_matvec(fns), d, own, self.rhs_chunk_size,
+                                      fns.theta.dtype, self.device)
         hessian = gather_rows(own_columns, torch.arange(own.start, own.stop), d)
         hessian = (hessian + hessian.T) / 2  # symmetric up to round-off
         if self.regularization > 0:
@@ -247,11 +239,12 @@ class IFAttributorLiSSA(_IFBase):
         dataset, indices, collate = state
         gen = torch.Generator().manual_seed(self.seed)
         size = min(self.batch_size, len(indices))
-        chunk: list[int] = []  # vmap chunk, sized once from the first mini-batch
+        chunk = 0  # vmap chunk, sized once from the first mini-batch
         # lissa_recursion consumes each product before the next: one output buffer serves all
         product = torch.empty_like(feats)
 
         def sample_matvec(_: int) -> Callable[[Tensor], Tensor]:
+            nonlocal chunk
             picks = torch.randperm(len(indices), generator=gen)[:size].tolist()
             batch = to_device(collate([dataset[indices[i]] for i in picks]), self.device)
 
@@ -259,9 +252,8 @@ class IFAttributorLiSSA(_IFBase):
                 return fns.loss(t, batch)
 
             if not chunk:
-                chunk.append(_vmap_chunk(linearization_bytes(objective, fns.theta),
-                                         self.rhs_chunk_size))
-            return _chunked(_hvp_operator(objective, fns.theta, self.mode), chunk[0], product)
+                chunk = _vmap_chunk(linearization_bytes(objective, fns.theta), self.rhs_chunk_size)
+            return _chunked(_hvp_operator(objective, fns.theta, self.mode), chunk, product)
 
         return lissa_recursion(sample_matvec, feats, self.recursion_depth, self.num_repeat,
                                self.damping, self.scaling)

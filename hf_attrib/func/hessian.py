@@ -39,6 +39,7 @@ __all__ = [
     "arnoldi_eigen",
     "batched_cg",
     "block_cg",
+    "hessian_columns",
     "hvp",
     "hvp_at_x",
     "ihvp_arnoldi",
@@ -330,6 +331,20 @@ class HessianSum:
                 rows = slice(start, start + chunk)
                 out[rows] += weight * op(v[rows])
         return out
+
+
+def hessian_columns(matvec: MatVec, dim: int, columns: range, chunk: int,
+                    dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """Columns ``columns`` of the ``dim x dim`` matrix behind ``matvec``, as float64 rows
+    ``[len(columns), dim]``: products with basis vectors, ``chunk`` at a time, so memory stays
+    bounded (``torch.func.hessian`` would push all ``dim`` tangents through at once)."""
+    blocks = [torch.zeros(0, dim, dtype=torch.float64, device=device)]
+    for start in range(columns.start, columns.stop, chunk):
+        stop = min(start + chunk, columns.stop)
+        basis = torch.zeros(stop - start, dim, dtype=dtype, device=device)
+        basis[:, start:stop] = torch.eye(stop - start, dtype=dtype, device=device)
+        blocks.append(matvec(basis).double())
+    return torch.cat(blocks)
 
 
 def _regularized(matvec: MatVec, regularization: float) -> MatVec:

@@ -128,20 +128,10 @@ def _launched_device(device: str) -> str:
     return str(state.device)
 
 
-def _close_process_group() -> None:
-    """Leave the process group together: a process that exits while the others still hold
-    the gloo group open can abort (SIGABRT) at interpreter exit."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def _attribute(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from hf_attrib.distributed import is_main_process
+    from hf_attrib.distributed import close_process_group, is_main_process
     from hf_attrib.integrations.transformers import task_from_pretrained
 
     if args.block_cg and args.method != "if-cg":
@@ -173,7 +163,7 @@ def _attribute(args: argparse.Namespace) -> int:
     scores = attributor.attribute(train_loader, test_loader).detach().cpu().float()
     elapsed = time.perf_counter() - start
     main = is_main_process()
-    _close_process_group()
+    close_process_group()
     if not main:  # every process holds the scores; one writes and reports
         return 0
     out = Path(args.out)

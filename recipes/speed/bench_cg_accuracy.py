@@ -37,6 +37,7 @@ if (HERE.parents[1] / "hf_attrib").is_dir():
 import bench_methods as bm  # noqa: E402
 
 from hf_attrib.algorithm import IFAttributorCG  # noqa: E402
+from hf_attrib.func.hessian import hessian_columns  # noqa: E402
 from hf_attrib.task import AttributionTask  # noqa: E402
 
 
@@ -61,15 +62,10 @@ def exact_self_influence(task: AttributionTask, loader, regularization: float,
     attributor.cache(loader)
     fns = task.functions(0, None)
     grads = attributor._train_cache[0][0].double()  # the cached per-example loss gradients
-    matvec = attributor._hessian_matvec(fns)
     d = grads.shape[1]
     t0 = time.perf_counter()
-    columns = []
-    for start in range(0, d, 256):
-        basis = torch.zeros(min(256, d - start), d)
-        basis[:, start:start + basis.shape[0]] = torch.eye(basis.shape[0])
-        columns.append(matvec(basis).double())
-    hessian = torch.cat(columns)
+    hessian = hessian_columns(attributor._hessian_matvec(fns), d, range(d), 256,
+                              torch.float32, "cpu")
     hessian = (hessian + hessian.T) / 2 + regularization * torch.eye(d, dtype=torch.float64)
     print(f"[exact] Hessian {d} x {d} built in {time.perf_counter() - t0:.1f} s", flush=True)
     chol, info = torch.linalg.cholesky_ex(hessian)

@@ -39,7 +39,7 @@ def _worker(args: argparse.Namespace) -> None:
         TracInAttributor,
         TRAKAttributor,
     )
-    from hf_attrib.distributed import is_main_process
+    from hf_attrib.distributed import close_process_group, is_main_process
     from hf_attrib.task import AttributionTask
 
     if "RANK" in os.environ:
@@ -109,8 +109,7 @@ def _worker(args: argparse.Namespace) -> None:
         times[method] = time.perf_counter() - start
     if is_main_process():
         save_file(tensors, args.out, metadata={k: f"{v:.4f}" for k, v in times.items()})
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 def _free_port() -> int:
