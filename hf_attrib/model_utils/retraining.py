@@ -21,6 +21,11 @@ LOO (5,000 per MNIST setting in the paper) and 100 models on random half subsets
   to an uninterrupted one (same machine, software and thread count; on GPU also
   ``torch.use_deterministic_algorithms(True)``). :func:`load_stacked` gathers
   the blocks; :func:`retrain_lds` and :func:`retrain_loo` are the two ground truths.
+* Every block carries checksums in its metadata (a sha256 per tensor over its name, dtype,
+  shape and bytes, and one over the metadata). They are checked on rerun (a block that fails
+  them, or an older block without them, is retrained with a warning, never used) and on every
+  read (:func:`load_stacked`, :func:`load_subsets`, :func:`read_block`: a
+  :class:`CorruptBlockError` naming the file, the tensor and how to rebuild the block).
 * :func:`evaluate_stacked` computes a target (e.g. the margin) of every stacked model on every
   test example.
 
@@ -57,11 +62,13 @@ buffers (``margin_fn`` must pass the whole mapping it receives to ``functional_c
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -72,12 +79,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 __all__ = [
+    "CorruptBlockError",
     "RetrainBuild",
     "RetrainResult",
     "batch_orders",
@@ -86,6 +93,7 @@ __all__ = [
     "load_stacked",
     "load_subsets",
     "loo_subsets",
+    "read_block",
     "retrain",
     "retrain_lds",
     "retrain_loo",
@@ -101,6 +109,10 @@ _STREAMS_KEY = "__stream_ids__"
 _SUBSETS_KEY = "__subset_indices__"
 _RESERVED = (_IDS_KEY, _STREAMS_KEY, _SUBSETS_KEY)
 _BUFFER_PREFIX = "__buffer__."
+# Checksums in the block metadata: a sha256 per tensor (over its name, dtype, shape and bytes),
+# and one over the whole metadata (which holds the per-tensor ones, in sorted key order).
+_TENSOR_SUMS_KEY = "tensor_sha256"
+_BLOCK_SUM_KEY = "block_sha256"
 _STRATEGIES = ("auto", "stacked", "sequential")
 _BLOCK_RE = re.compile(r"^block-(\d{5,})\.safetensors$")
 _KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -876,7 +888,7 @@ class RetrainBuild:
             if sequential:
                 tensors += [b for _, b in self.model.named_buffers()]
         for t in tensors:
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            h.update(_tensor_bytes(t))
         return h.hexdigest()[:32]
 
 
@@ -888,13 +900,16 @@ class RetrainResult:
         kind: the kind of models (sub-folder of ``out_dir``).
         directory: ``out_dir/kind``.
         trained: indices of the blocks trained by this call.
-        skipped: indices of selected blocks that were already on disk.
+        skipped: indices of selected blocks that were already on disk (and verified).
+        repaired: blocks found on disk but unreadable, failing their checksums or without
+            checksums (older versions), and therefore retrained (also in ``trained``).
     """
 
     kind: str
     directory: Path
     trained: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
+    repaired: list[int] = field(default_factory=list)
 
 
 def _block_ids(block: int, block_size: int, num_models: int) -> list[int]:
@@ -937,35 +952,184 @@ def _block_path(directory: Path, block: int) -> Path:
     return directory / f"block-{block:05d}.safetensors"
 
 
+class CorruptBlockError(ValueError):
+    """A retrain block that cannot be trusted: unreadable, not matching its checksums, or
+    written without checksums (by an older version), so its content cannot be verified.
+
+    :func:`retrain` warns and retrains such a block; readers (:func:`load_stacked`,
+    :func:`load_subsets`, :func:`read_block`) raise this error.
+
+    Attributes:
+        path: the block file.
+        problem: what is wrong, without the fix.
+        key: the tensor key that fails its checksum, ``"metadata"`` for the metadata, or
+            ``None`` (unreadable or no checksums).
+    """
+
+    def __init__(self, path: Path, problem: str, key: str | None = None) -> None:
+        self.path, self.problem, self.key = path, problem, key
+        super().__init__(f"{problem} {_repair_hint(path)}")
+
+
+def _repair_hint(path: Path) -> str:
+    """How to rebuild one block, in the vocabulary of both entry points (API and CLI)."""
+    kind, out_dir = path.parent.name, path.parent.parent
+    cli = f"hf-attrib bench ground-truth SETTING --kind {kind.removesuffix('-full')}"
+    if out_dir.name == "ground_truth":  # the CLI's layout: {--out}/ground_truth/{kind}
+        cli += f" --out {out_dir.parent}"
+    return (f"Do not use it: delete {path} and re-run the build that wrote it (retrain(), "
+            f"retrain_lds() or retrain_loo() with the same arguments and out_dir="
+            f"{str(out_dir)!r}, or `{cli}` for a benchmark build); only the missing block is "
+            "retrained.")
+
+
+def _tensor_bytes(t: Tensor) -> Any:
+    """The raw bytes of ``t`` (CPU, contiguous, native byte order) as a ``uint8`` array."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _tensor_digest(name: str, t: Tensor) -> str:
+    """sha256 over a tensor's name, dtype, shape and bytes (the JSON prefix is unambiguous)."""
+    h = hashlib.sha256(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+    h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _metadata_digest(meta: Mapping[str, str]) -> str:
+    body = {k: v for k, v in meta.items() if k != _BLOCK_SUM_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _seal(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """``metadata`` plus the checksums of ``tensors`` and of the metadata itself."""
+    sums = {name: _tensor_digest(name, t) for name, t in sorted(tensors.items())}
+    meta = {**metadata, _TENSOR_SUMS_KEY: json.dumps(sums, sort_keys=True)}
+    meta[_BLOCK_SUM_KEY] = _metadata_digest(meta)
+    return meta
+
+
+def _not_a_block(path: Path, meta: Mapping[str, str]) -> ValueError:
+    return ValueError(f"{path} is not a retrain block (format {meta.get('format')!r}); move it "
+                      "out of the folder.")
+
+
+def _checked_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, str]:
+    """``meta`` after checking it against the block checksum (raises CorruptBlockError)."""
+    if _BLOCK_SUM_KEY not in meta:
+        if meta.get("format") != _FORMAT:
+            raise _not_a_block(path, meta)
+        raise CorruptBlockError(path, f"{path} has no checksums (it was written by an "
+                                "hf_attrib version before block checksums), so its content "
+                                "cannot be verified.")
+    if _metadata_digest(meta) != meta[_BLOCK_SUM_KEY]:
+        raise CorruptBlockError(path, f"{path}: the block metadata does not match its "
+                                f"checksum ({_BLOCK_SUM_KEY}); the file is corrupt.", "metadata")
+    if meta.get("format") != _FORMAT:
+        raise _not_a_block(path, meta)
+    try:
+        sums = json.loads(meta.get(_TENSOR_SUMS_KEY, ""))
+    except json.JSONDecodeError:
+        sums = None
+    if not isinstance(sums, dict):
+        raise CorruptBlockError(path, f"{path}: the metadata entry {_TENSOR_SUMS_KEY} is not "
+                                "a checksum table; the file is corrupt.", "metadata")
+    return dict(meta)
+
+
+def _unreadable(path: Path, err: Exception) -> CorruptBlockError:
+    return CorruptBlockError(path, f"{path} is not a readable safetensors file ({err}); it is "
+                             "truncated or corrupt.")
+
+
 def _block_metadata(path: Path) -> dict[str, str]:
+    """The checked metadata of a block (the header only; tensors are not read)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({err}); delete it and rerun retrain."
-        ) from err
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a retrain block (format {meta.get('format')!r}).")
-    return meta
+        raise _unreadable(path, err) from err
+    return _checked_metadata(path, meta)
 
 
-def _verify_block(
-    path: Path, build: RetrainBuild, fingerprint: str, block: int, block_size: int
-) -> None:
-    meta = _block_metadata(path)
+def read_block(
+    path: str | os.PathLike[str], keys: Sequence[str] | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read one retrain block, every tensor read checked against its stored checksum.
+
+    Blocks written by :func:`retrain` carry a sha256 per tensor (over its name, dtype, shape
+    and bytes) and one over the metadata, which holds the per-tensor ones. A flipped bit
+    in a tensor read (its data or its header entry) or in the metadata is an error that
+    names the file and the tensor key.
+
+    Args:
+        path: a ``block-NNNNN.safetensors`` file.
+        keys: read only these tensors (e.g. ``("__model_ids__", "__subset_indices__")``);
+            default all. Only the tensors read are hashed.
+
+    Returns:
+        ``(tensors, metadata)``.
+
+    Raises:
+        CorruptBlockError: the file is unreadable, fails a checksum, or has no checksums
+            (written by an older version); the message says how to rebuild the block.
+        ValueError: the file is not a retrain block, or lacks a requested key.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            names = set(f.keys())
+            wanted = sorted(names) if keys is None else list(keys)
+            tensors = {k: f.get_tensor(k) for k in wanted if k in names}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise _unreadable(path, err) from err
+    meta = _checked_metadata(path, raw_meta)
+    sums = json.loads(meta[_TENSOR_SUMS_KEY])
+    if names != set(sums):
+        raise CorruptBlockError(path, f"{path}: its tensors differ from those its checksums "
+                                f"list (in {sorted(names ^ set(sums))}); the file is corrupt.",
+                                "metadata")
+    missing = [k for k in wanted if k not in names]
+    if missing:
+        raise ValueError(f"{path} has no tensors {missing}.")
+    for key in wanted:
+        if _tensor_digest(key, tensors[key]) != sums[key]:
+            raise CorruptBlockError(path, f"{path}: tensor {key!r} does not match its checksum "
+                                    "(a flipped bit on disk or in a copy); the file is corrupt.",
+                                    key)
+    return tensors, meta
+
+
+def _config_mismatch(
+    meta: Mapping[str, str], build: RetrainBuild, fingerprint: str, block: int, block_size: int
+) -> dict[str, tuple[Any, Any]]:
     expected = {
         "block": str(block), "block_size": str(block_size),
         "num_models": str(build.num_models), "n_train": str(build.masks.shape[1]),
         "fingerprint": fingerprint,
     }
-    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    return {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+
+
+def _raise_mismatch(path: Path, wrong: Mapping[str, tuple[Any, Any]]) -> None:
+    detail = ", ".join(f"{k}: file {a!r} != build {b!r}" for k, (a, b) in wrong.items())
+    raise ValueError(
+        f"{path} was built with a different configuration ({detail}). Use another out_dir "
+        "or kind, or delete the folder to rebuild."
+    )
+
+
+def _verify_block(
+    path: Path, build: RetrainBuild, fingerprint: str, block: int, block_size: int,
+    tensors: Mapping[str, Tensor], meta: Mapping[str, str],
+) -> None:
+    """Raise if a (checksum-verified) block on disk was built from another configuration."""
+    wrong = _config_mismatch(meta, build, fingerprint, block, block_size)
     ids = _block_ids(block, block_size, build.num_models)
     if not wrong:
-        with safe_open(str(path), framework="pt") as f:
-            got_ids = f.get_tensor(_IDS_KEY).tolist()
-            got_streams = f.get_tensor(_STREAMS_KEY).tolist()
-            got_subsets = f.get_tensor(_SUBSETS_KEY).long()
+        got_ids = tensors[_IDS_KEY].tolist()
+        got_streams = tensors[_STREAMS_KEY].tolist()
+        got_subsets = tensors[_SUBSETS_KEY].long()
         if got_ids != ids:
             wrong["model_ids"] = (got_ids, ids)
         elif got_streams != [build.stream_ids[i] for i in ids]:
@@ -973,11 +1137,7 @@ def _verify_block(
         elif not torch.equal(got_subsets, _subset_indices(build.masks[ids])):
             wrong["subset_indices"] = ("on disk", "differ from build.masks")
     if wrong:
-        detail = ", ".join(f"{k}: file {a!r} != build {b!r}" for k, (a, b) in wrong.items())
-        raise ValueError(
-            f"{path} was built with a different configuration ({detail}). Use another out_dir "
-            "or kind, or delete the folder to rebuild."
-        )
+        _raise_mismatch(path, wrong)
 
 
 def _subset_indices(masks: Tensor) -> Tensor:
@@ -999,7 +1159,16 @@ def _write_block(
     tensors[_IDS_KEY] = torch.tensor(ids, dtype=torch.int64)
     tensors[_STREAMS_KEY] = torch.tensor(streams, dtype=torch.int64)
     tensors[_SUBSETS_KEY] = _subset_indices(masks)
-    data = safetensors_save(tensors, metadata=metadata)
+    _write_atomic(path, safetensors_save(tensors, metadata=_seal(tensors, metadata)))
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and
+    ``os.replace``: ``path`` is never partial, and the temporary file is removed on any
+    failure (a kill leaves it behind; :func:`retrain` removes it on the next run)."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -1007,9 +1176,23 @@ def _write_block(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        raise OSError(err.errno, _disk_full_message(path, len(data)), str(path)) from err
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def _disk_full_message(path: Path, size: int) -> str:
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free:,} bytes are free there"
+    except OSError:
+        free = ""
+    return (f"the disk is full (or the quota is used up): block {path.name} needs {size:,} "
+            f"bytes ({size / 2**20:.1f} MiB) in {path.parent}{free}. Free space there or "
+            "choose another out_dir (CLI: --out), then re-run: finished blocks are kept and "
+            "skipped, and no partial file was left")
 
 
 def _remove_stale_temps(directory: Path, block: int) -> None:
@@ -1045,7 +1228,10 @@ def retrain(
     the block also holds every model's buffers, stacked, under ``__buffer__.{name}`` (the
     metadata ``strategy`` says which path trained it). On rerun, blocks on disk are checked
     against ``build`` (a mismatch is an error) and skipped; leftover temporary files of
-    interrupted writes are removed.
+    interrupted writes are removed. Each block stores checksums in its metadata (see
+    :func:`read_block`); a block on disk that is unreadable, fails them (a flipped bit) or has
+    none (written by an older version) is retrained with a warning, its file replaced
+    atomically, and listed in ``RetrainResult.repaired``.
 
     Do not run two processes on overlapping blocks at the same time; disjoint ``shard`` values
     (or ``models`` ranges on block boundaries) split the work without coordination.
@@ -1075,10 +1261,12 @@ def retrain(
     todo = []
     for block in blocks:
         path = _block_path(directory, block)
-        if path.exists():
-            _verify_block(path, build, fingerprint, block, block_size)
+        if not path.exists():
+            todo.append(block)
+        elif _usable_block(path, build, fingerprint, block, block_size):
             result.skipped.append(block)
         else:
+            result.repaired.append(block)
             todo.append(block)
     metadata = {
         "format": _FORMAT, "kind": kind, "block_size": str(block_size),
@@ -1108,6 +1296,27 @@ def retrain(
             result.trained.append(block)
             bar.update(len(ids))
     return result
+
+
+def _usable_block(
+    path: Path, build: RetrainBuild, fingerprint: str, block: int, block_size: int
+) -> bool:
+    """Whether a block on disk can be skipped: ``False`` (with a warning) if it fails its
+    checksums, so it is retrained; an error if it belongs to another configuration."""
+    try:
+        tensors, meta = read_block(path)
+    except CorruptBlockError as err:
+        if err.key not in (None, "metadata"):  # metadata intact: still refuse another config
+            wrong = _config_mismatch(_block_metadata(path), build, fingerprint, block,
+                                     block_size)
+            if wrong:
+                _raise_mismatch(path, wrong)
+        ids = _block_ids(block, block_size, build.num_models)
+        warnings.warn(f"{err.problem} Retraining block {block} (models {ids[0]}..{ids[-1]}); "
+                      "the new block replaces the file once it is written.", stacklevel=3)
+        return False
+    _verify_block(path, build, fingerprint, block, block_size, tensors, meta)
+    return True
 
 
 def _scan_blocks(directory: Path) -> dict[int, tuple[Path, dict[str, str]]]:
@@ -1182,6 +1391,8 @@ def load_stacked(
         pass ``buffers`` to :func:`evaluate_stacked`.
 
     Raises:
+        CorruptBlockError: a block fails its checksums or has none (the message names the file,
+            the tensor key and how to rebuild the block).
         FileNotFoundError: if blocks are missing (the message names the missing id ranges and
             the ``retrain`` call that builds them).
     """
@@ -1190,7 +1401,7 @@ def load_stacked(
     parts: dict[str, list[Tensor]] = {}
     names = None
     for _, path in blocks:
-        tensors = load_file(str(path))
+        tensors, _ = read_block(path)
         if names is None:
             names = set(tensors)
         elif set(tensors) != names:
@@ -1222,15 +1433,18 @@ def load_subsets(
 
     Returns:
         ``(masks, model_ids)``: a ``[M, n_train]`` boolean mask and the ``[M]`` ids.
+
+    Raises:
+        CorruptBlockError: the ids or subsets of a block fail their checksums (or the block
+            has none); see :func:`load_stacked`.
     """
     _check_kind(kind)
     blocks, start, stop, meta = _needed_blocks(Path(out_dir) / kind, kind, models)
     n_train = int(meta["n_train"])
     masks, ids = [], []
     for _, path in blocks:
-        with safe_open(str(path), framework="pt") as f:
-            block_ids = f.get_tensor(_IDS_KEY)
-            subsets = f.get_tensor(_SUBSETS_KEY).long()
+        tensors, _ = read_block(path, (_IDS_KEY, _SUBSETS_KEY))
+        block_ids, subsets = tensors[_IDS_KEY], tensors[_SUBSETS_KEY].long()
         mask = torch.zeros(block_ids.numel(), n_train, dtype=torch.bool)
         mask.scatter_(1, subsets, True)
         masks.append(mask)
