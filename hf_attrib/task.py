@@ -139,6 +139,12 @@ def _unshare(model: nn.Module, state: Mapping[str, Tensor]) -> Mapping[str, Tens
             and t.untyped_storage().data_ptr() in live else t for k, t in state.items()}
 
 
+def _meta_tensor_names(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` on the ``meta`` device (no data)."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return [n for n, t in named if t.is_meta]
+
+
 # --------------------------------------------------------------------------------------------
 # The functions of one checkpoint
 # --------------------------------------------------------------------------------------------
@@ -275,9 +281,52 @@ class AttributionTask:
         return self.model
 
     def to(self, device: torch.device | str) -> AttributionTask:
-        """Move the model (and future checkpoint loads) to ``device``."""
+        """Move the model (and future checkpoint loads) to ``device``.
+
+        Raises:
+            ValueError: the model is on the ``meta`` device (see ``model_device``).
+        """
+        self._require_weights()
         self.model.to(device)
         return self
+
+    def model_device(self) -> torch.device:
+        """The device of the model's parameters: where attributors compute by default.
+
+        A model with tensors on the ``meta`` device is first given checkpoint 0 through
+        ``checkpoints_load_func`` (which may materialise or replace it).
+
+        Raises:
+            ValueError: the model is on the ``meta`` device, or its parameters are spread
+                over several devices (pass ``device=`` to the attributor to gather them).
+        """
+        self._require_weights()
+        devices = sorted({str(p.device) for p in self.model.parameters()})
+        if len(devices) > 1:
+            raise ValueError(
+                f"the model's parameters are on several devices ({', '.join(devices)}; e.g. "
+                "from_pretrained(..., device_map='auto')); attributors compute on one. Pass "
+                "device='cuda:0' (or another) to the attributor to move the whole model there."
+            )
+        return torch.device(devices[0]) if devices else torch.device("cpu")
+
+    def _require_weights(self) -> None:
+        """Raise a clear error when the model has no real weights (``meta`` tensors)."""
+        if not _meta_tensor_names(self.model):
+            return
+        if self.checkpoints_load_func is not None:
+            self.load_checkpoint(0)  # a custom loader may materialise or replace the model
+            if not _meta_tensor_names(self.model):
+                return
+            self._loaded = None  # nothing real was loaded: load again once weights exist
+        names = _meta_tensor_names(self.model)
+        raise ValueError(
+            f"the model is on the 'meta' device (no weights: {names[:3]}"
+            f"{' ...' if len(names) > 3 else ''}), e.g. built under init_empty_weights() or "
+            "offloaded by from_pretrained(..., device_map='auto'). Load real weights first: "
+            "from_pretrained(..., device_map=None), or model.to_empty(device='cpu') followed by "
+            "model.load_state_dict(...), or a checkpoints_load_func that materialises it."
+        )
 
     # -- parameter selection -------------------------------------------------------------
     def select_parameters(self, layer_name: str | Sequence[str] | None = None) -> list[str]:

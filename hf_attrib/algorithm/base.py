@@ -18,19 +18,34 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 from tqdm.auto import tqdm
 
+from hf_attrib.benchmark.utils import SubsetSampler
 from hf_attrib.distributed import gather_rows, rank_and_world, shard_range
-from hf_attrib.func.projection import Projector, make_projector
-from hf_attrib.func.utils import batch_size_of
+from hf_attrib.func.projection import Projector, make_projector, projector_options
+from hf_attrib.func.utils import batch_size_of, describe_batch
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
-__all__ = ["BaseAttributor", "FeatureAttributor", "check_loader", "to_device"]
+__all__ = [
+    "BaseAttributor",
+    "FeatureAttributor",
+    "check_loader",
+    "count_examples",
+    "loader_indices",
+    "to_device",
+]
 
 # Per-example gradients held at once before projection: chunk * d floats stay under this.
 _GRAD_CHUNK_BYTES = 256 * 2**20
@@ -38,28 +53,108 @@ _GRAD_CHUNK_BYTES = 256 * 2**20
 _SELF_GROUP_BYTES = 256 * 2**20
 
 
+# Samplers whose own ``__iter__`` yields a fixed order (a subclass that overrides ``__iter__``
+# is not trusted: it may shuffle). BatchSampler is sequential when its sampler is.
+_SEQUENTIAL_SAMPLERS = (SequentialSampler, SubsetSampler, BatchSampler)
+# A fixed sequence of indices (or of index lists, as a batch_sampler) is one order forever.
+_FIXED_ORDERS = (list, tuple, range)
+
+
+def _is_sequential(sampler: Any) -> bool:
+    """Whether ``sampler`` yields the same fixed order on every pass (see ``check_loader``)."""
+    if getattr(sampler, "hf_attrib_sequential", False) or isinstance(sampler, _FIXED_ORDERS):
+        return True
+    for cls in _SEQUENTIAL_SAMPLERS:
+        if isinstance(sampler, cls) and type(sampler).__iter__ is cls.__iter__:
+            return cls is not BatchSampler or _is_sequential(sampler.sampler)
+    return False
+
+
+def _order_source(loader: Any) -> Any:
+    """The object that decides the order of ``loader``'s examples (``None``: the loader's own
+    iteration, as for an iterable dataset or a plain list of batches)."""
+    if isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
+        return None  # torch allows no sampler here: the dataset's own order is used
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return batch_sampler if batch_sampler is not None else getattr(loader, "sampler", None)
+
+
+def _check_order(loader: Any, role: str) -> None:
+    source = _order_source(loader)
+    if source is None or _is_sequential(source):
+        return
+    inner = getattr(source, "sampler", None) if isinstance(source, BatchSampler) else None
+    culprit = inner if inner is not None and not _is_sequential(inner) else source
+    kind = "batch_sampler" if culprit is getattr(loader, "batch_sampler", None) else "sampler"
+    name = type(culprit).__name__
+    if "Distributed" in name:
+        fix = ("hf_attrib shares the work between processes itself (the attributor's "
+               "distributed= option): give every process the same full loader, without a "
+               "DistributedSampler.")
+    else:
+        fix = ("Build it with shuffle=False and no sampler, or select a subset in a fixed order "
+               "with sampler=hf_attrib.benchmark.utils.SubsetSampler(indices). A custom sampler "
+               "that yields the same order on every pass can declare it with the class "
+               "attribute hf_attrib_sequential = True.")
+    what = ("shuffles" if isinstance(culprit, RandomSampler) or getattr(culprit, "shuffle", False)
+            else "does not yield a fixed sequential order")
+    raise ValueError(
+        f"the {role} loader's {kind} ({name}) {what}: scores are rows/columns in the loader's "
+        f"order and would not line up with the dataset. {fix}"
+    )
+
+
 def check_loader(loader: Any, role: str) -> None:
     """Refuse loaders whose order is not fixed, and empty ones.
 
-    Scores are rows/columns in the loader's order, so a shuffling loader would silently
-    mis-align them with the dataset.
+    Scores are rows/columns in the loader's order, so a loader that shuffles, samples at
+    random, or otherwise changes its order between passes would silently mis-align them with
+    the dataset (and attributors read the training loader several times). Accepted: plain
+    iterables of batches, iterable datasets, ``SequentialSampler``, ``BatchSampler`` over an
+    accepted sampler, ``hf_attrib.benchmark.utils.SubsetSampler``, fixed lists of indices, and
+    samplers whose class sets ``hf_attrib_sequential = True``.
     """
     if not isinstance(loader, DataLoader) and not hasattr(loader, "__iter__"):
         raise TypeError(f"{role} loader must be a torch DataLoader or an iterable of batches.")
-    samplers = [getattr(loader, "sampler", None),
-                getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
-    if any(isinstance(s, RandomSampler) or getattr(s, "shuffle", False) for s in samplers):
-        raise ValueError(
-            f"the {role} loader shuffles (RandomSampler): scores would not line up with the "
-            f"dataset. Build it with shuffle=False (or a SequentialSampler / "
-            f"hf_attrib.benchmark.utils.SubsetSampler)."
-        )
+    _check_order(loader, role)
     try:
         empty = len(loader) == 0
     except TypeError:
         empty = False
     if empty:
         raise ValueError(f"the {role} loader is empty; it must yield at least one batch.")
+
+
+def count_examples(loader: Any) -> int:
+    """Examples one pass over ``loader`` yields (after ``drop_last``, a ``batch_sampler``...).
+
+    A map-style ``DataLoader`` is counted from its batch sampler's index lists, without loading
+    data; anything else by one pass over its batches. Attributors check every later pass
+    against this count.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if (isinstance(loader, DataLoader) and batch_sampler is not None
+            and not isinstance(loader.dataset, IterableDataset)):
+        return sum(len(indices) for indices in batch_sampler)
+    return sum(batch_size_of(batch) for batch in loader)
+
+
+def loader_indices(loader: DataLoader) -> list[int]:
+    """The dataset indices a map-style ``DataLoader`` yields, in order (one pass)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if batch_sampler is not None:
+        return [int(i) for indices in batch_sampler for i in indices]
+    sampler = getattr(loader, "sampler", None)
+    if sampler is not None:
+        return [int(i) for i in sampler]
+    return list(range(len(loader.dataset)))
+
+
+@dataclass
+class _Pass:
+    """Examples one pass over a loader yielded (all processes' batches, set at its end)."""
+
+    rows: int = 0
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -79,7 +174,8 @@ class BaseAttributor(ABC):
     Args:
         task: the attribution task.
         layer_name: parameter or module names to attribute through (``None``: all).
-        device: where the computation runs.
+        device: where the computation runs (the model is moved there). ``None``: the device
+            of the model's parameters (``task.model_device()``).
         grad_chunk_size: examples per vectorised per-example-gradient call (``None``: chosen
             so that one chunk of gradients takes at most 256 MiB).
         progress: show tqdm progress bars.
@@ -94,7 +190,7 @@ class BaseAttributor(ABC):
         self,
         task: AttributionTask,
         layer_name: str | Sequence[str] | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         grad_chunk_size: int | None = None,
         progress: bool = False,
         distributed: bool | None = None,
@@ -103,7 +199,7 @@ class BaseAttributor(ABC):
             raise TypeError("task must be an hf_attrib.task.AttributionTask.")
         self.task = task
         self.layer_name = layer_name
-        self.device = torch.device(device)
+        self.device = task.model_device() if device is None else torch.device(device)
         self.grad_chunk_size = grad_chunk_size
         self.distributed = distributed
         self.progress = progress
@@ -125,11 +221,14 @@ class BaseAttributor(ABC):
 
     # -- helpers ---------------------------------------------------------------------------
     def _batches(self, loader: DataLoader, role: str, desc: str | None = None,
-                 shard: bool = False) -> Iterator[tuple[int, Any]]:
+                 shard: bool = False, count: _Pass | None = None,
+                 expected: int | None = None) -> Iterator[tuple[int, Any]]:
         """Yield ``(offset, batch_on_device)`` in loader order.
 
         With ``shard``, only this process's batches (``i % world == rank``); the others are
-        still read (their sizes give the offsets) but not moved or differentiated.
+        still read (their sizes give the offsets) but not moved or differentiated. At the end
+        of the pass the examples read are stored in ``count`` and checked against
+        ``expected`` (the count the results were sized for).
         """
         check_loader(loader, role)
         rank, world = self._world() if shard else (0, 1)
@@ -137,11 +236,34 @@ class BaseAttributor(ABC):
         bar = tqdm(loader, desc=desc or role, disable=not self.progress, leave=False)
         for i, batch in enumerate(bar):
             size = batch_size_of(batch)
+            if expected is not None and offset + size > expected:
+                _changed_pass(role, f"more than {expected}", expected)
             if i % world == rank:
                 yield offset, to_device(batch, self.device)
             offset += size
         if offset == 0:
             raise ValueError(f"the {role} loader yielded no examples.")
+        if expected is not None and offset != expected:
+            _changed_pass(role, str(offset), expected)
+        if count is not None:
+            count.rows = offset
+
+    @staticmethod
+    def _batch_error(role: str, offset: int, batch: Any, func: str,
+                     err: Exception) -> ValueError:
+        """The error to raise (``from err``) when ``func`` fails on a batch of the ``role``
+        loader: it names the loader, the batch and its structure.
+
+        Callers catch only around the call (free when nothing is raised), so the happy path
+        pays nothing.
+        """
+        where = "first batch" if offset == 0 else f"batch starting at example {offset}"
+        like = ", as the train loader's do" if role == "test" else ""
+        return ValueError(
+            f"the {role} loader's {where} (structure: {describe_batch(batch)}) does not fit "
+            f"{func}, which raised {type(err).__name__}: {err}. Give the {role} loader batches "
+            f"of the structure {func} unpacks{like} (e.g. the same collate_fn / columns)."
+        )
 
     def _world(self) -> tuple[int, int]:
         """``(rank, world_size)`` this attributor shares work over (``(0, 1)``: alone)."""
@@ -151,6 +273,14 @@ class BaseAttributor(ABC):
         if self.grad_chunk_size is not None:
             return self.grad_chunk_size
         return max(1, _GRAD_CHUNK_BYTES // (4 * max(dim, 1)))
+
+
+def _changed_pass(role: str, got: str, expected: int) -> None:
+    raise ValueError(
+        f"the {role} loader yielded {got} examples on this pass but {expected} when it was "
+        "counted: it must yield the same examples on every pass (a deterministic sampler, a "
+        "collate_fn that keeps one row per dataset index, no random filtering in the dataset)."
+    )
 
 
 def _check_finite(grads: Tensor, offset: int, role: str, ckpt: int) -> None:
@@ -206,7 +336,7 @@ class FeatureAttributor(BaseAttributor):
         self,
         task: AttributionTask,
         layer_name: str | Sequence[str] | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         projector_kwargs: dict[str, Any] | None = None,
         grad_chunk_size: int | None = None,
         max_cache_bytes: int = 4 * 2**30,
@@ -215,6 +345,7 @@ class FeatureAttributor(BaseAttributor):
     ) -> None:
         super().__init__(task, layer_name, device, grad_chunk_size, progress, distributed)
         self.projector_kwargs = dict(projector_kwargs) if projector_kwargs else None
+        projector_options(self.projector_kwargs)  # impossible options fail here, not later
         self.max_cache_bytes = max_cache_bytes
         self._projectors: dict[int, Projector] = {}
         self._cache_loader: DataLoader | None = None
@@ -248,14 +379,8 @@ class FeatureAttributor(BaseAttributor):
     # -- features ----------------------------------------------------------------------------
     def _projector(self, fns: CheckpointFunctions) -> Projector:
         if fns.index not in self._projectors:
-            kwargs = dict(self.projector_kwargs or {})
-            proj_dim = kwargs.pop("proj_dim", None)
-            proj_type = kwargs.pop("proj_type", "auto" if proj_dim else "identity")
-            seed = kwargs.pop("proj_seed", 0)
-            kwargs.pop("device", None)
-            self._projectors[fns.index] = make_projector(
-                fns.dim, proj_dim, proj_type, seed, self.device, **kwargs
-            )
+            options = projector_options(self.projector_kwargs)
+            self._projectors[fns.index] = make_projector(fns.dim, device=self.device, **options)
         return self._projectors[fns.index]
 
     def _features(self, fns: CheckpointFunctions, batch: Any, kind: str, offset: int,
@@ -267,35 +392,57 @@ class FeatureAttributor(BaseAttributor):
         chunk = self._chunk(fns.dim)
         out = []
         for start in range(0, size, chunk):
-            grads = grad_fn(_slice_batch(batch, start, start + chunk))
+            try:
+                grads = grad_fn(_slice_batch(batch, start, start + chunk))
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
+                func = ("loss_func" if kind == "loss" or fns.target_is_loss
+                        else "target_func")
+                raise self._batch_error(role, offset, batch, func, err) from err
             _check_finite(grads, offset + start, role, fns.index)
             out.append(projector(self._gradient_transform(grads), ensemble_id=fns.index))
         return torch.cat(out)
 
-    def _train_blocks(self, fns: CheckpointFunctions, loader: DataLoader, shard: bool = False
+    def _batches(self, loader: DataLoader, role: str, desc: str | None = None,
+                 shard: bool = False, count: _Pass | None = None,
+                 expected: int | None = None) -> Iterator[tuple[int, Any]]:
+        # Every pass over the training set of the cache (and of the Hessian) must yield the
+        # examples it was counted with: results are sized, and IF's 1/n set, by that count.
+        if expected is None and loader is self._hessian_loader:
+            expected = self._n_cache
+        return super()._batches(loader, role, desc, shard, count, expected)
+
+    def _train_blocks(self, fns: CheckpointFunctions, loader: DataLoader, shard: bool = False,
+                      count: _Pass | None = None
                       ) -> Iterator[tuple[int, Tensor, Tensor | None, Any]]:
         """``(offset, features, row_factor, batch)`` for the training loader, from the cache
         when ``loader`` is the cached one (``batch`` is then ``None``). With ``shard``, a
-        computed (not cached) pass covers only this process's batches."""
+        computed (not cached) pass covers only this process's batches. ``count`` receives the
+        examples of the whole pass."""
         if loader is self._cache_loader and fns.index in self._train_cache:
             feats, factors = self._train_cache[fns.index]
             step = 4096
             for start in range(0, feats.shape[0], step):
                 rows = slice(start, start + step)
                 yield start, feats[rows], None if factors is None else factors[rows], None
+            if count is not None:
+                count.rows = feats.shape[0]
             return
         desc = f"train features (ckpt {fns.index})"
-        for offset, batch in self._batches(loader, "train", desc, shard=shard):
+        for offset, batch in self._batches(loader, "train", desc, shard=shard, count=count):
             feats = self._features(fns, batch, self.train_kind, offset, "train")
             yield offset, feats, self._row_factor(fns, batch), batch
 
     def _test_features(self, fns: CheckpointFunctions, loader: DataLoader) -> Tensor:
         offsets, blocks = [], []
-        batches = self._batches(loader, "test", f"test features (ckpt {fns.index})", shard=True)
+        count = _Pass()
+        batches = self._batches(loader, "test", f"test features (ckpt {fns.index})", shard=True,
+                                count=count)
         for offset, batch in batches:
             blocks.append(self._features(fns, batch, self.test_kind, offset, "test"))
             offsets.append(offset)
-        return self._gather_blocks(offsets, blocks, self._count(loader), self._width(fns))
+        return self._gather_blocks(offsets, blocks, count.rows, self._width(fns))
 
     def _gather_blocks(self, offsets: list[int], blocks: list[Tensor], total: int,
                        width: int) -> Tensor:
@@ -343,7 +490,8 @@ class FeatureAttributor(BaseAttributor):
         self._cache_loader = None
         self._train_cache.clear()
         self._states.clear()
-        self._n_cache = self._count(train_loader)
+        self._hessian_loader = None
+        self._n_cache = count_examples(train_loader)
         self._hessian_loader = train_loader
         for c in range(self.task.num_checkpoints):
             fns = self.task.functions(c, self.layer_name)
@@ -383,7 +531,10 @@ class FeatureAttributor(BaseAttributor):
         concatenation, so the cache never exists twice in memory)."""
         features: Tensor | None = None
         factors: Tensor | None = None
-        for offset, feats, factor, _ in self._train_blocks(fns, loader):
+        count = _Pass()
+        # The pass is checked against _n_cache (see _batches): every preallocated row is
+        # written exactly once, or the pass raises.
+        for offset, feats, factor, _ in self._train_blocks(fns, loader, count=count):
             if features is None:
                 features = feats.new_empty(self._n_cache, width)
             rows = slice(offset, offset + feats.shape[0])
@@ -392,15 +543,9 @@ class FeatureAttributor(BaseAttributor):
                 if factors is None:
                     factors = factor.new_empty(self._n_cache)
                 factors[rows] = factor
-        assert features is not None
+        assert features is not None and count.rows == self._n_cache
         self._train_cache[fns.index] = (features, factors)
         return features
-
-    def _count(self, loader: DataLoader) -> int:
-        try:
-            return len(loader.sampler)
-        except (AttributeError, TypeError):
-            return sum(batch_size_of(b) for b in loader)
 
     def _ensure_cached(self, train_loader: DataLoader) -> None:
         if self._cache_loader is None:
@@ -408,7 +553,6 @@ class FeatureAttributor(BaseAttributor):
 
     def attribute(self, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
         self._ensure_cached(train_loader)
-        n_train = self._count(train_loader)
         scores: Tensor | None = None
         row_factor: Tensor | None = None
         for c in range(self.task.num_checkpoints):
@@ -417,7 +561,9 @@ class FeatureAttributor(BaseAttributor):
                                         self._test_features(fns, test_loader))
             weight = self._weight(fns)
             offsets, blocks, factors = [], [], []
-            for offset, feats, factor, _ in self._train_blocks(fns, train_loader, shard=True):
+            count = _Pass()
+            for offset, feats, factor, _ in self._train_blocks(fns, train_loader, shard=True,
+                                                               count=count):
                 offsets.append(offset)
                 blocks.append(weight * (feats @ test.T))
                 factors.append(factor)
@@ -426,8 +572,8 @@ class FeatureAttributor(BaseAttributor):
                 block = torch.cat(blocks)
                 f = torch.cat(factors) if self._uses_row_factor else None
             else:
-                block = self._gather_blocks(offsets, blocks, n_train, test.shape[0])
-                f = self._gather_blocks(offsets, [x[:, None] for x in factors], n_train,
+                block = self._gather_blocks(offsets, blocks, count.rows, test.shape[0])
+                f = self._gather_blocks(offsets, [x[:, None] for x in factors], count.rows,
                                         1)[:, 0] if self._uses_row_factor else None
             scores = block if scores is None else scores + block
             if f is not None:
@@ -440,22 +586,22 @@ class FeatureAttributor(BaseAttributor):
 
     def self_attribute(self, train_loader: DataLoader) -> Tensor:
         self._ensure_cached(train_loader)
-        n_train = self._count(train_loader)
         total: Tensor | None = None
         row_factor: Tensor | None = None
         for c in range(self.task.num_checkpoints):
             fns = self.task.functions(c, self.layer_name)
             weight = self._weight(fns)
             index, values, factors = [], [], []
-            for rows, feats, test_raw, factor in self._self_groups(fns, train_loader):
+            count = _Pass()
+            for rows, feats, test_raw, factor in self._self_groups(fns, train_loader, count):
                 test = self._transform_test(fns, self._states[c], test_raw)
                 index.append(rows)
                 values.append(weight * (feats * test).sum(dim=1))
                 factors.append(factor)
-            block = self._gather_values(index, values, n_train)
+            block = self._gather_values(index, values, count.rows)
             total = block if total is None else total + block
             if self._uses_row_factor:
-                f = self._gather_values(index, factors, n_train) / self.task.num_checkpoints
+                f = self._gather_values(index, factors, count.rows) / self.task.num_checkpoints
                 row_factor = f if row_factor is None else row_factor + f
         assert total is not None
         return total if row_factor is None else total * row_factor
@@ -466,10 +612,11 @@ class FeatureAttributor(BaseAttributor):
                                torch.zeros(0, dtype=torch.long), total)
         return gather_rows(torch.cat(values), torch.cat(index), total)
 
-    def _self_groups(self, fns: CheckpointFunctions, loader: DataLoader
+    def _self_groups(self, fns: CheckpointFunctions, loader: DataLoader, count: _Pass
                      ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
         """``(row indices, train features, test-side features, row factor)`` of this
-        process's share of the training examples, in groups of up to ``_SELF_GROUP_BYTES``.
+        process's share of the training examples, in groups of up to ``_SELF_GROUP_BYTES``;
+        ``count`` receives the number of training examples.
 
         Each group's test side goes through ``_transform_test`` in one call (one CG or LiSSA
         solve for the whole group, not one per loader batch); cached features are read from
@@ -481,6 +628,7 @@ class FeatureAttributor(BaseAttributor):
         if cached:
             all_feats, all_factors = self._train_cache[fns.index]
         if same_side and cached:
+            count.rows = all_feats.shape[0]
             own = shard_range(all_feats.shape[0], rank, world)
             step = self._group_rows(all_feats.shape[1])
             for start in range(own.start, own.stop, step):
@@ -492,7 +640,7 @@ class FeatureAttributor(BaseAttributor):
         pending: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
         rows_pending = 0
         batches = self._batches(loader, "train", f"self-influence (ckpt {fns.index})",
-                                shard=True)
+                                shard=True, count=count)
         for offset, batch in batches:
             size = batch_size_of(batch)
             if cached:

@@ -46,7 +46,7 @@ class TracInAttributor(FeatureAttributor):
     def __init__(self, task: AttributionTask, weight_list: Sequence[float] | Tensor | None = None,
                  normalized_grad: bool = False, projector_kwargs: dict[str, Any] | None = None,
                  layer_name: str | Sequence[str] | None = None,
-                 device: torch.device | str = "cpu", **kwargs: Any) -> None:
+                 device: torch.device | str | None = None, **kwargs: Any) -> None:
         super().__init__(task, layer_name, device, projector_kwargs, **kwargs)
         if weight_list is None:
             weight_list = [1.0] * task.num_checkpoints

@@ -21,8 +21,8 @@ share a projection. Available kinds:
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,10 +39,21 @@ __all__ = [
     "arnoldi_project",
     "fast_jl_available",
     "make_projector",
+    "projector_options",
     "random_project",
 ]
 
 _PROJ_TYPES = ("auto", "fast_jl", "normal", "rademacher", "sparse", "identity")
+# Options of each projector kind beyond proj_dim/proj_type/seed (``"auto"`` takes them all and
+# passes on those of the kind it picks). max_batch_size is fast_jl's, accepted everywhere.
+_TYPE_OPTIONS: dict[str, frozenset[str]] = {
+    "fast_jl": frozenset({"kind"}),
+    "normal": frozenset({"block_rows"}),
+    "rademacher": frozenset({"block_rows"}),
+    "sparse": frozenset({"nnz"}),
+    "identity": frozenset(),
+}
+_TYPE_OPTIONS["auto"] = frozenset().union(*_TYPE_OPTIONS.values())
 # Rows of the implicit d x p matrix generated per block: bounds the projector's working memory
 # to block_rows * p floats whatever d is.
 _DEFAULT_BLOCK_ROWS = 16_384
@@ -51,9 +62,36 @@ _DEFAULT_BLOCK_ROWS = 16_384
 _SEED_ROWS = 1024
 
 
+_FAST_JL_WORKS: bool | None = None
+
+
 def fast_jl_available() -> bool:
-    """Whether the optional ``fast_jl`` CUDA extension is importable (checked lazily)."""
-    return importlib.util.find_spec("fast_jl") is not None
+    """Whether the optional ``fast_jl`` CUDA kernel really runs here (checked once, cached).
+
+    Importable is not enough: any folder named ``fast_jl`` on ``sys.path`` imports as an
+    empty namespace package, and a kernel built for another GPU or CUDA version imports but
+    fails on its first call. So this projects a tiny CUDA tensor with it, and is ``False`` on
+    machines without CUDA.
+    """
+    global _FAST_JL_WORKS
+    if _FAST_JL_WORKS is None:
+        _FAST_JL_WORKS = _probe_fast_jl()
+    return _FAST_JL_WORKS
+
+
+def _probe_fast_jl() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import fast_jl
+
+        kernel = fast_jl.project_rademacher_8  # absent from an empty namespace package
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        out = kernel(torch.ones(8, 16, device="cuda"), 512, 0, sms)
+        torch.cuda.synchronize()
+        return tuple(out.shape) == (8, 512) and bool(torch.isfinite(out).all())
+    except Exception:  # any failure (import, missing symbol, launch) means: not usable
+        return False
 
 
 def _block_seed(seed: int, ensemble_id: int, block: int) -> int:
@@ -108,6 +146,8 @@ class DenseProjector(Projector):
         super().__init__(feature_dim, proj_dim, seed)
         if kind not in ("normal", "rademacher"):
             raise ValueError(f"DenseProjector kind must be 'normal' or 'rademacher', got {kind!r}")
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be a positive int, got {block_rows!r}.")
         self.kind = kind
         self.block_rows = block_rows
 
@@ -197,6 +237,13 @@ class FastJLProjector(Projector):
             raise ValueError(f"fast_jl needs proj_dim to be a multiple of 512, got {proj_dim}.")
         if max_batch_size not in (8, 16, 32):
             raise ValueError("fast_jl max_batch_size must be 8, 16 or 32.")
+        if not fast_jl_available():
+            raise ValueError(
+                "proj_type='fast_jl' needs the fast_jl CUDA kernel, which does not run here (no "
+                "CUDA device, fast_jl not installed or built for another GPU/CUDA, or a folder "
+                "named fast_jl shadowing it). Install the cuda extra on a CUDA machine, or use "
+                "proj_type='normal' / 'sparse' (proj_type='auto' picks for you)."
+            )
         import fast_jl  # optional CUDA extra: imported only when this projector is built
 
         self._fast_jl = fast_jl
@@ -232,6 +279,54 @@ def _feature_dim(feature: Tensor | Mapping[str, Tensor] | int) -> int:
     return _as_matrix(feature).shape[1]
 
 
+def _check_options(proj_dim: Any, proj_type: Any, seed: Any, options: Mapping[str, Any]
+                   ) -> None:
+    """Refuse impossible projection options with an error naming the option."""
+    if proj_dim is not None and (isinstance(proj_dim, bool)
+                                 or not isinstance(proj_dim, numbers.Integral) or proj_dim <= 0):
+        raise ValueError(
+            f"proj_dim={proj_dim!r} is not a projection size: pass a positive int (e.g. "
+            "proj_dim=512), or leave proj_dim out (projector_kwargs=None) for no projection."
+        )
+    if proj_type not in _PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {_PROJ_TYPES}, got {proj_type!r}.")
+    if proj_dim is None and proj_type not in ("auto", "identity"):
+        raise ValueError(f"proj_type={proj_type!r} needs proj_dim (the projection size, e.g. "
+                         "proj_dim=512); use proj_type='identity' for no projection.")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"proj_seed={seed!r} must be an int.")
+    unknown = sorted(set(options) - _TYPE_OPTIONS[proj_type] - {"max_batch_size"})
+    if unknown:
+        known = ["proj_dim", "proj_type", "proj_seed", "max_batch_size",
+                 *sorted(_TYPE_OPTIONS[proj_type])]
+        raise ValueError(f"unknown projector option(s) {unknown} for proj_type={proj_type!r}; "
+                         f"the options are {known}.")
+
+
+def projector_options(projector_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check an attributor's ``projector_kwargs`` and turn them into ``make_projector``'s
+    keyword arguments (``proj_dim``, ``proj_type``, ``seed`` and the kind's own options).
+
+    Keys: ``proj_dim`` (``None``/absent: no projection), ``proj_type`` (default ``"auto"``
+    with a ``proj_dim``, else ``"identity"``), ``proj_seed``, ``max_batch_size`` (or dattri's
+    ``proj_max_batch_size``), ``nnz`` (sparse), ``block_rows`` (dense), ``kind`` (fast_jl);
+    ``device`` is ignored (the attributor's is used).
+
+    Raises:
+        ValueError: an impossible value (``proj_dim=0``, a negative or non-int ``proj_dim``,
+            an unknown ``proj_type``) or an unknown option, named in the message.
+    """
+    options = dict(projector_kwargs or {})
+    proj_dim = options.pop("proj_dim", None)
+    proj_type = options.pop("proj_type", "auto" if proj_dim is not None else "identity")
+    seed = options.pop("proj_seed", 0)
+    options.pop("device", None)
+    if "proj_max_batch_size" in options:
+        options["max_batch_size"] = options.pop("proj_max_batch_size")
+    _check_options(proj_dim, proj_type, seed, options)
+    return {"proj_dim": proj_dim, "proj_type": proj_type, "seed": seed, **options}
+
+
 def make_projector(feature_dim: int, proj_dim: int | None, proj_type: str = "auto",
                    seed: int = 0, device: torch.device | str | None = None,
                    max_batch_size: int = 32, **kwargs: Any) -> Projector:
@@ -240,13 +335,19 @@ def make_projector(feature_dim: int, proj_dim: int | None, proj_type: str = "aut
     ``proj_type="auto"`` picks fast_jl on CUDA when it is installed and ``proj_dim`` is a
     multiple of 512, the dense Gaussian map on other CUDA set-ups (random numbers are cheap
     there), and the sparse JL map on CPU, where generating a dense ``d x p`` map block by block
-    costs ~20x more than the count-sketch (``recipes/speed/bench_projection.py``).
+    costs ~20x more than the count-sketch (``recipes/speed/bench_projection.py``). Its
+    ``kwargs`` may hold the options of every kind; those of the kind picked are used.
 
     ``proj_dim=None`` or ``proj_dim >= feature_dim`` with ``proj_type="auto"`` gives the
     identity.
+
+    Raises:
+        ValueError: ``proj_dim`` is not a positive int (or ``None``), ``proj_type`` is
+            unknown or needs a ``proj_dim``, or an option does not belong to ``proj_type``.
     """
-    if proj_type not in _PROJ_TYPES:
-        raise ValueError(f"proj_type must be one of {_PROJ_TYPES}, got {proj_type!r}.")
+    _check_options(proj_dim, proj_type, seed, kwargs)
+    if proj_dim is not None:
+        proj_dim = int(proj_dim)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if proj_type == "identity" or proj_dim is None or (
         proj_type == "auto" and proj_dim >= feature_dim
@@ -258,6 +359,7 @@ def make_projector(feature_dim: int, proj_dim: int | None, proj_type: str = "aut
             proj_type = "fast_jl" if use_fast_jl else "normal"
         else:
             proj_type = "sparse"
+        kwargs = {k: v for k, v in kwargs.items() if k in _TYPE_OPTIONS[proj_type]}
     if proj_type == "fast_jl":
         return FastJLProjector(feature_dim, proj_dim, seed, max_batch_size=max_batch_size,
                                device=device, **kwargs)

@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "add_batch_dim",
     "batch_size_of",
+    "describe_batch",
     "flatten_func",
     "flatten_params",
     "partial_param",
@@ -143,6 +144,26 @@ def batch_size_of(batch: Any) -> int:
             except TypeError:
                 continue
     raise TypeError(f"cannot find a tensor in the batch (got {type(batch).__name__}).")
+
+
+def describe_batch(batch: Any, depth: int = 0) -> str:
+    """A short description of a batch's structure, for error messages.
+
+    Example: ``tuple of 3: (tensor[8, 6] float32, tensor[8] int64, tensor[8] int64)``.
+    """
+    if isinstance(batch, Tensor):
+        return f"tensor{list(batch.shape)} {str(batch.dtype).removeprefix('torch.')}"
+    if depth >= 2:
+        return type(batch).__name__
+    if isinstance(batch, Mapping):
+        items = [f"{k!r}: {describe_batch(v, depth + 1)}" for k, v in list(batch.items())[:8]]
+        more = ", ..." if len(batch) > 8 else ""
+        return f"{type(batch).__name__} with {len(batch)} keys {{{', '.join(items)}{more}}}"
+    if isinstance(batch, (list, tuple)):
+        items = [describe_batch(v, depth + 1) for v in batch[:8]]
+        more = ", ..." if len(batch) > 8 else ""
+        return f"{type(batch).__name__} of {len(batch)}: ({', '.join(items)}{more})"
+    return type(batch).__name__
 
 
 def per_sample_grad(
