@@ -262,8 +262,10 @@ def test_rps_matches_representer_closed_form(lr_problem, normalize):
         return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
 
     task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    # fit_last_layer=False: the model's weights are taken as the stationary point (the
+    # closed form below); the default refits them first (test_rps_fit_* below)
     attributor = RPSAttributor(task=task, final_linear_layer_name="head", l2_strength=0.01,
-                               normalize_preactivate=normalize)
+                               normalize_preactivate=normalize, fit_last_layer=False)
     attributor.cache(p["train"])
     scores = attributor.attribute(p["train"], p["test"])
     with torch.no_grad():
@@ -277,6 +279,139 @@ def test_rps_matches_representer_closed_form(lr_problem, normalize):
     self_ref = alpha.gather(1, p["y"][:, None])[:, 0] * (h * h).sum(1)
     torch.testing.assert_close(attributor.self_attribute(p["train"]), self_ref, rtol=1e-5,
                                atol=1e-7)
+
+
+def _rps_fit_setup(p, normalize=False, l2=0.01):
+    torch.manual_seed(1)
+    model = _TwoLayer().eval()
+
+    def loss(params, batch):
+        xb, yb = batch
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    attributor = RPSAttributor(task=task, final_linear_layer_name="head", l2_strength=l2,
+                               normalize_preactivate=normalize)
+    attributor.cache(p["train"])
+    with torch.no_grad():
+        h, ht = model.body(p["x"]).double(), model.body(p["xt"]).double()
+        targets = torch.softmax(model(p["x"]).double(), -1)
+    return model, attributor, h, ht, targets
+
+
+def test_rps_fit_reaches_a_stationary_point(lr_problem):
+    """The default refit of the last layer zeroes the gradient of dattri's objective: mean
+    cross-entropy to the model's own predictions + l2 ||W||^2 (bias kept)."""
+    p = lr_problem
+    model, attributor, h, _, targets = _rps_fit_setup(p)
+    weight = attributor.fitted_weight.clone().requires_grad_(True)
+    bias = model.head.bias.detach().double()
+    objective = (-(targets * torch.log_softmax(h @ weight.T + bias, -1)).sum(1).mean()
+                 + 0.01 * weight.pow(2).sum())
+    (grad,) = torch.autograd.grad(objective, weight)
+    assert grad.abs().max() < 1e-8
+    # the model's own weight is far from stationary for this objective: the fit did the work
+    assert (weight - model.head.weight.double()).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rps_representers_reproduce_the_fitted_layer(lr_problem, normalize):
+    """The representer theorem's identity: sum_i alpha_i h_i^T h = Theta_1 h on test examples,
+    and the scores of a test example sum to its class's output (less the bias)."""
+    p = lr_problem
+    model, attributor, h, ht, targets = _rps_fit_setup(p, normalize)
+    weight = attributor.fitted_weight
+    bias = model.head.bias.detach().double()
+    alpha = -(torch.softmax(h @ weight.T + bias, -1) - targets) / (2 * 0.01 * N_TRAIN)
+    torch.testing.assert_close(attributor._train[0].double(), alpha, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(alpha.T @ h @ ht.T, weight @ ht.T, rtol=0, atol=1e-4)
+    scores = attributor.attribute(p["train"], p["test"]).double()
+    if not normalize:
+        outputs = (ht @ weight.T).gather(1, p["yt"][:, None])[:, 0]
+        torch.testing.assert_close(scores.sum(0), outputs, rtol=0, atol=1e-4)
+    hn = h / h.norm(dim=1, keepdim=True) if normalize else h
+    htn = ht / ht.norm(dim=1, keepdim=True) if normalize else ht
+    torch.testing.assert_close(scores, alpha[:, p["yt"]] * (hn @ htn.T), rtol=1e-4, atol=1e-6)
+
+
+def test_rps_fit_refuses_non_finite_features(lr_problem):
+    p = lr_problem
+    model = _TwoLayer().eval()
+
+    def loss(params, batch):
+        xb, yb = batch
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
+
+    x = p["x"].clone()
+    x[21, 3] = float("nan")
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    with pytest.raises(FloatingPointError, match="'head' for train example 21 "):
+        RPSAttributor(task=task, final_linear_layer_name="head").cache(
+            DataLoader(TensorDataset(x, p["y"]), batch_size=16))
+
+
+def _trak_dattri_reference(p, proj, lam, weights_only=CLASSES * DIM):
+    """dattri's TRAK by hand: phi = P~^T g / sqrt(D), P~ unscaled (N(0,1)), D = all trainable
+    parameters, K = Phi^T Phi + lam I; scores Phi K^-1 phi(x)^T (no Q)."""
+    d_all = CLASSES * DIM + CLASSES
+    phi = _grads(_flat_margin, p["theta"], p["x"], p["y"])[:, :weights_only]
+    phi_t = _grads(_flat_margin, p["theta"], p["xt"], p["yt"])[:, :weights_only]
+    phi, phi_t = (phi.double() @ proj / d_all ** 0.5, phi_t.double() @ proj / d_all ** 0.5)
+    kernel = phi.T @ phi + lam * torch.eye(proj.shape[1], dtype=torch.float64)
+    return phi @ torch.linalg.solve(kernel, phi_t.T), kernel
+
+
+def _trak_on_weight(p, **kwargs):
+    task = AttributionTask(loss_func=p["loss"], model=p["model"],
+                           checkpoints=p["model"].state_dict(), target_func=p["margin"])
+    attributor = TRAKAttributor(task=task, layer_name="weight",
+                                projector_kwargs={"proj_dim": 8, "proj_type": "normal"},
+                                **kwargs)
+    attributor.cache(p["train"])
+    return attributor, attributor.attribute(p["train"], p["test"])
+
+
+def test_trak_regularization_is_on_dattris_scale(lr_problem):
+    """A dattri regularization means the same kernel here: with the projector's unscaled
+    matrix P~ = sqrt(p) * P (read back by projecting the identity), our kernel inverse is
+    (p/D) (Phi~^T Phi~ + lam I)^-1 of dattri's features and the scores are dattri's."""
+    p = lr_problem
+    lam = 0.05
+    attributor, scores = _trak_on_weight(p, regularization=lam)
+    projector = attributor._projectors[0]
+    proj = projector(torch.eye(CLASSES * DIM)).double() * 8 ** 0.5  # unscaled d x p map
+    ref, kernel = _trak_dattri_reference(p, proj, lam)
+    d_all = CLASSES * DIM + CLASSES
+    torch.testing.assert_close(attributor._states[0] * d_all / 8, torch.linalg.inv(kernel),
+                               rtol=1e-4, atol=1e-6 * float(torch.linalg.inv(kernel).abs().max()))
+    torch.testing.assert_close(scores.double(), ref, rtol=1e-4,
+                               atol=1e-5 * float(ref.abs().max()))
+    assert attributor.effective_regularization[0] == pytest.approx(lam * d_all / 8)
+    # before: lam added to the normalised features' kernel, a D/p = 2.25x weaker damping
+    old = torch.linalg.solve(kernel * d_all / 8 - (lam * d_all / 8 - lam) * torch.eye(8),
+                             torch.eye(8, dtype=torch.float64))
+    assert not torch.allclose(attributor._states[0], old, rtol=1e-2)
+
+
+def test_trak_relative_regularization_equals_absolute(lr_problem):
+    """relative_regularization=r is lam = r * tr(Phi~^T Phi~)/p on dattri's scale."""
+    p = lr_problem
+    r = 0.3
+    attributor, scores = _trak_on_weight(p, relative_regularization=r)
+    projector = attributor._projectors[0]
+    proj = projector(torch.eye(CLASSES * DIM)).double() * 8 ** 0.5
+    _, kernel = _trak_dattri_reference(p, proj, 0.0)
+    lam = r * float(kernel.trace()) / 8
+    _, absolute = _trak_on_weight(p, regularization=lam)
+    torch.testing.assert_close(scores, absolute, rtol=1e-5, atol=1e-6 * float(
+        absolute.abs().max()))
+    ref, _ = _trak_dattri_reference(p, proj, lam)
+    torch.testing.assert_close(scores.double(), ref, rtol=1e-4,
+                               atol=1e-5 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match=r"either regularization .* or relative_regularization"):
+        _trak_on_weight(p, regularization=1.0, relative_regularization=r)
+    with pytest.raises(ValueError, match="relative_regularization must be >= 0"):
+        _trak_on_weight(p, relative_regularization=-1.0)
 
 
 def test_layer_name_restricts_parameters(lr_problem):

@@ -184,3 +184,43 @@ def test_attribute_under_torchrun_matches_one_process(saved):
     with safe_open(str(root / "two.safetensors"), "pt") as f:
         got = f.get_tensor("scores")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["trak", "rps", "if-cg"])
+def test_cli_and_python_defaults_give_the_same_scores(saved, capsys, method):
+    """``hf-attrib attribute --method M`` without method options scores exactly as
+    ``task.attributor(M)`` without options (one set of defaults: METHOD_DEFAULTS)."""
+    from hf_attrib.integrations.cli_attribute import load_any_dataset
+    from hf_attrib.integrations.transformers import task_from_pretrained
+
+    root = saved[0]
+    out = root / f"defaults-{method}.safetensors"
+    result = _main(capsys, "attribute", "--model", str(root / "bert"), "--task",
+                   "sequence-classification", "--train", str(root / "ltrain.csv"),
+                   "--test", str(root / "ltest.parquet"), "--method", method,
+                   "--layers", "classifier", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    with safe_open(str(out), "pt") as f:
+        cli = f.get_tensor("scores")
+    # --layers is a task option (the same on both sides); "classifier" keeps TRAK's default
+    # 2048-dimensional kernel small (99 parameters: no projection needed)
+    task = task_from_pretrained(root / "bert", "sequence-classification", layers="classifier")
+    train = task.dataloader(load_any_dataset(str(root / "ltrain.csv")))
+    test = task.dataloader(load_any_dataset(str(root / "ltest.parquet"), role="test"))
+    api = task.attributor(method).attribute(train, test).float()
+    torch.testing.assert_close(cli, api, rtol=1e-6, atol=1e-7 * float(api.abs().max()))
+
+
+def test_method_defaults_are_the_class_defaults():
+    """TRAK's and RPS's integration defaults are their classes' own (no second set)."""
+    import inspect
+
+    from hf_attrib.algorithm import RPSAttributor, TRAKAttributor
+    from hf_attrib.algorithm.trak import _DEFAULT_PROJ_DIM
+    from hf_attrib.integrations.transformers import METHOD_DEFAULTS
+
+    trak = inspect.signature(TRAKAttributor).parameters
+    assert METHOD_DEFAULTS["trak"] == {"projector_kwargs": {"proj_dim": _DEFAULT_PROJ_DIM},
+                                       "regularization": trak["regularization"].default}
+    rps = inspect.signature(RPSAttributor).parameters
+    assert METHOD_DEFAULTS["rps"] == {name: rps[name].default for name in METHOD_DEFAULTS["rps"]}

@@ -1,22 +1,37 @@
 r"""Representer point selection with L2 regularisation (RPS-L2; Yeh et al., 2018).
 
-With :math:`\Phi(x) = \Theta_1 h(x)` the pre-activation output of the final linear layer and
-:math:`h` its input features, a stationary point of
+With :math:`\Phi(x) = \Theta_1 h(x) + b` the pre-activation output of the final linear layer
+and :math:`h` its input features, a stationary point of
 :math:`\frac1n\sum_j L(x_j) + \lambda\|\Theta_1\|^2` satisfies
 :math:`\Theta_1 = \sum_j \alpha_j h_j^\top` with
 :math:`\alpha_j = -\frac{1}{2\lambda n}\,\partial L(x_j)/\partial\Phi(x_j)`, so the output
-for class :math:`c` on :math:`x` decomposes as :math:`\Phi_c(x) = \sum_j \alpha_{jc}\,h_j^\top h`.
+for class :math:`c` on :math:`x` decomposes as
+:math:`\Theta_{1,c} h = \sum_j \alpha_{jc}\,h_j^\top h`.
 The score of training example :math:`j` for test example :math:`x` of class :math:`c` is that
 term, :math:`\alpha_{jc}\,h_j^\top h`: how much :math:`x_j` raises the class-:math:`c` output.
+
+The theorem needs a stationary point, which a trained network's last layer is not. So by
+default (``fit_last_layer=True``, as dattri and the authors' code) the last layer's weight is
+first refit, on the training features, to the model's own predictions with the L2 term:
+:math:`L(x_j)` is the cross-entropy between :math:`\mathrm{softmax}(\Theta_1 h_j + b)` and the
+model's predicted probabilities :math:`\mathrm{softmax}(\Phi(x_j))` (sigmoid and binary
+cross-entropy for a single output), minimised by full-batch L-BFGS in float64 from the model's
+weight until the gradient's largest entry is below ``fit_tol``. The bias :math:`b` is kept. Then
+:math:`\alpha_j = -(\mathrm{softmax}(\Theta_1 h_j + b) - \mathrm{softmax}(\Phi(x_j)))/(2\lambda n)`
+and the decomposition above holds to the fit's tolerance. With ``fit_last_layer=False`` the
+model's own weights are taken as the stationary point and :math:`\partial L/\partial\Phi` is
+the gradient of the task's ``loss_func`` (use it for a model trained with that L2 term).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import BaseAttributor
@@ -44,16 +59,28 @@ class RPSAttributor(BaseAttributor):
             checkpoint is used, as the representer theorem holds for one model).
         final_linear_layer_name: module name of the ``nn.Linear`` producing the logits.
         l2_strength: :math:`\\lambda`.
-        normalize_preactivate: use unit-norm features :math:`h/\\|h\\|` in the kernel.
+        normalize_preactivate: use unit-norm features :math:`h/\\|h\\|` in the kernel (the
+            fit and :math:`\\alpha` use the layer's real inputs).
         label_func: ``batch -> [B]`` class index of each test example (default: labels of the
             batch).
-        device, grad_chunk_size, progress: see ``BaseAttributor``.
+        fit_last_layer: refit the last layer's weight with the L2 term to a stationary point
+            first (see the module docstring); ``False`` uses the model's weight as it is.
+        fit_tol: the fit stops when every entry of the objective's gradient is below this.
+        fit_max_iter: L-BFGS iterations at most (a warning says when they did not reach
+            ``fit_tol``).
+        device, grad_chunk_size, progress: see ``BaseAttributor`` (``device=None``: the
+            model's device).
+
+    Attributes:
+        fitted_weight: the refit weight :math:`\\Theta_1` ``[classes, features]`` (float64),
+            set by ``cache`` when ``fit_last_layer``.
     """
 
     def __init__(self, task: AttributionTask, final_linear_layer_name: str,
                  l2_strength: float = 0.003, normalize_preactivate: bool = False,
                  label_func: Callable[[Any], Tensor] = default_label_func,
-                 device: torch.device | str = "cpu", **kwargs: Any) -> None:
+                 device: torch.device | str | None = None, fit_last_layer: bool = True,
+                 fit_tol: float = 1e-9, fit_max_iter: int = 1000, **kwargs: Any) -> None:
         super().__init__(task, final_linear_layer_name, device, **kwargs)
         modules = dict(task.model.named_modules())
         layer = modules.get(final_linear_layer_name)
@@ -66,6 +93,10 @@ class RPSAttributor(BaseAttributor):
         self.l2_strength = l2_strength
         self.normalize_preactivate = normalize_preactivate
         self.label_func = label_func
+        self.fit_last_layer = fit_last_layer
+        self.fit_tol = fit_tol
+        self.fit_max_iter = fit_max_iter
+        self.fitted_weight: Tensor | None = None
         self._cache_loader: DataLoader | None = None
         self._train: tuple[Tensor, Tensor] | None = None
 
@@ -111,10 +142,14 @@ class RPSAttributor(BaseAttributor):
             return h
         return h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def _features(self, batch: Any) -> Tensor:
+    def _layer_io(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(h [B, H], output [B, C])`` of the final linear layer (raw, not normalised)."""
         state: dict[str, Tensor] = {}
-        handle = self._layer().register_forward_hook(
-            lambda _m, inputs, _o: state.__setitem__("h", inputs[0].detach()))
+
+        def hook(_m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+            state["h"], state["out"] = inputs[0].detach(), out.detach()
+
+        handle = self._layer().register_forward_hook(hook)
         try:
             with torch.no_grad():
                 self.task.loss_func({n: p.detach() for n, p in self.task.model.named_parameters()},
@@ -124,22 +159,59 @@ class RPSAttributor(BaseAttributor):
         h = state["h"]
         if h.dim() != 2:
             raise ValueError(f"RPS needs [batch, features] inputs at {self.layer_name_final!r}; "
-                             f"got {tuple(h.shape)}.")
-        return self._normalize(h)
+                             f"got {tuple(h.shape)}. Use RPS on a classification head.")
+        return h, state["out"]
+
+    def _features(self, batch: Any) -> Tensor:
+        return self._normalize(self._layer_io(batch)[0])
 
     # -- API ---------------------------------------------------------------------------------
     def cache(self, train_loader: DataLoader) -> None:
-        """Compute :math:`\\alpha_j` and :math:`h_j` for the training set."""
+        """Fit the last layer (``fit_last_layer``), then compute :math:`\\alpha_j` and
+        :math:`h_j` for the training set."""
         self.task.load_checkpoint(0)
-        alphas, feats = [], []
-        for offset, batch in self._batches(train_loader, "train", "RPS representers"):
-            g, h = self._representers(batch, offset)
-            alphas.append(g)
-            feats.append(h)
-        alpha = torch.cat(alphas)
-        alpha = alpha / (-2.0 * self.l2_strength * alpha.shape[0])
-        self._train = (alpha, torch.cat(feats))
+        if self.fit_last_layer:
+            alpha, feats = self._fitted_representers(train_loader)
+        else:
+            alphas, feats_list = [], []
+            for offset, batch in self._batches(train_loader, "train", "RPS representers"):
+                g, h = self._representers(batch, offset)
+                alphas.append(g)
+                feats_list.append(h)
+            alpha = torch.cat(alphas)
+            alpha = alpha / (-2.0 * self.l2_strength * alpha.shape[0])
+            feats = torch.cat(feats_list)
+        self._train = (alpha, feats)
         self._cache_loader = train_loader
+
+    def _fitted_representers(self, train_loader: DataLoader) -> tuple[Tensor, Tensor]:
+        """Refit the weight to a stationary point; ``(alpha [n, C], features [n, H])``."""
+        hs, outs = [], []
+        for _, batch in self._batches(train_loader, "train", "RPS features"):
+            h, out = self._layer_io(batch)
+            hs.append(h)
+            outs.append(out)
+        h, out = torch.cat(hs), torch.cat(outs)
+        bad = ~(torch.isfinite(h).all(dim=1) & torch.isfinite(out).all(dim=1))
+        if bool(bad.any()):
+            raise FloatingPointError(
+                f"non-finite (NaN/inf) features or outputs at {self.layer_name_final!r} for "
+                f"train example {int(bad.nonzero()[0, 0])} (its position in the train loader); "
+                "check that example's inputs and the checkpoint's weights.")
+        layer = self._layer()
+        bias = (layer.bias.detach().double() if layer.bias is not None
+                else torch.zeros(layer.out_features, dtype=torch.float64, device=h.device))
+        h64 = h.double()
+        targets = _probabilities(out.double())
+        weight = _fit_weight(h64, bias, targets, layer.weight.detach().double(),
+                             self.l2_strength, self.fit_tol, self.fit_max_iter)
+        if not bool(torch.isfinite(weight).all()):
+            raise FloatingPointError("RPS: the last-layer fit diverged (non-finite weight); "
+                                     "raise l2_strength.")
+        self.fitted_weight = weight
+        residual = _probabilities(h64 @ weight.T + bias) - targets
+        alpha = residual / (-2.0 * self.l2_strength * h.shape[0])
+        return alpha.to(h.dtype), self._normalize(h)
 
     def _train_side(self, train_loader: DataLoader) -> tuple[Tensor, Tensor]:
         if self._cache_loader is None:
@@ -171,3 +243,47 @@ class RPSAttributor(BaseAttributor):
                           * (h_train[rows] ** 2).sum(dim=1))
             offset += labels.shape[0]
         return torch.cat(values)
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    """Softmax over classes (sigmoid for a single output)."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy against probability targets (binary for a single output)."""
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return -(targets * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def _fit_weight(h: Tensor, bias: Tensor, targets: Tensor, init: Tensor, l2: float, tol: float,
+                max_iter: int) -> Tensor:
+    """Minimise ``mean CE(h W^T + b, targets) + l2 ||W||^2`` over ``W`` (full batch, L-BFGS).
+
+    The objective is strongly convex, so L-BFGS from the model's weight reaches the unique
+    stationary point; a deterministic full-batch solver gives the same weight on every run.
+    """
+    weight = init.clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=tol, tolerance_change=1e-20,
+                                  line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        return _soft_cross_entropy(h @ weight.T + bias, targets) + l2 * weight.pow(2).sum()
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        value = objective()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    (grad,) = torch.autograd.grad(objective(), weight)
+    largest = float(grad.abs().max())
+    if not largest <= tol * 10:
+        warnings.warn(f"RPS: the last-layer fit stopped after {max_iter} L-BFGS iterations with "
+                      f"gradient {largest:.1e} (fit_tol={tol:g}); the representer values are "
+                      "approximate. Raise fit_max_iter, or l2_strength (a better-conditioned "
+                      "fit).", RuntimeWarning, stacklevel=3)
+    return weight.detach()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +46,13 @@ from torch.utils.data import DataLoader
 from hf_attrib.task import AttributionTask, use_eager_attention
 
 __all__ = [
+    "METHOD_DEFAULTS",
     "TASK_KINDS",
     "HFAttributionTask",
     "dataloader_from_dataset",
     "find_blocks",
     "load_pretrained",
+    "method_defaults",
     "task_from_pretrained",
 ]
 
@@ -141,13 +144,15 @@ def check_task_kind(model: nn.Module, task: str) -> None:
 
 
 def load_pretrained(model_id: str | os.PathLike, task: str, trust_remote_code: bool = False,
-                    revision: str | None = None, **model_kwargs: Any
-                    ) -> tuple[nn.Module, Any]:
+                    revision: str | None = None, allow_pickle: bool = False,
+                    **model_kwargs: Any) -> tuple[nn.Module, Any]:
     """``(model, processor)`` for a Hub id or a local folder (``save_pretrained`` or a PEFT
     adapter folder). The processor is the tokenizer (text) or image processor, or ``None``.
 
     The checkpoint's ``config.architectures`` must fit ``task``: a base model or a model with
-    another head would otherwise get a freshly initialised head without notice.
+    another head would otherwise get a freshly initialised head without notice. Only
+    safetensors weights are loaded unless ``allow_pickle=True``: pickled weights
+    (``pytorch_model.bin``) can run arbitrary code when they are loaded.
     """
     import transformers
     from transformers import AutoConfig
@@ -156,7 +161,8 @@ def load_pretrained(model_id: str | os.PathLike, task: str, trust_remote_code: b
     model_id = os.fspath(model_id)
     adapter_config = Path(model_id) / "adapter_config.json"
     if adapter_config.is_file():
-        return _load_peft(model_id, task, trust_remote_code, revision, **model_kwargs)
+        return _load_peft(model_id, task, trust_remote_code, revision, allow_pickle,
+                          **model_kwargs)
     config = AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code,
                                         revision=revision)
     for arch in getattr(config, "architectures", None) or []:
@@ -167,15 +173,57 @@ def load_pretrained(model_id: str | os.PathLike, task: str, trust_remote_code: b
             raise _mismatch(config.architectures[0], task, f"the checkpoint {model_id!r} "
                             "(config.architectures)")
     auto = getattr(transformers, kind.auto_class)
+    _weights_policy(model_id, allow_pickle, model_kwargs)
     try:
         model = auto.from_pretrained(model_id, trust_remote_code=trust_remote_code,
                                      revision=revision, **model_kwargs)
+    except OSError as err:
+        if not allow_pickle and "safetensors" in str(err):
+            raise _pickled_only(model_id, kind.auto_class) from err
+        raise
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ValueError(f"{type(config).__name__} ({model_id!r}) has no {task} head in "
                              f"transformers ({kind.auto_class} does not support it).") from err
         raise
     return model, _load_processor(model_id, task, trust_remote_code, revision)
+
+
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
+                    "adapter_model.bin", "model.pt")
+
+
+def _weights_policy(model_id: str, allow_pickle: bool, model_kwargs: dict[str, Any]) -> None:
+    """Set ``use_safetensors`` in ``model_kwargs``: ``True`` unless ``allow_pickle``."""
+    if not allow_pickle:
+        if model_kwargs.get("use_safetensors") is False:
+            raise ValueError("use_safetensors=False loads pickled weights, which can run "
+                             "arbitrary code; pass allow_pickle=True (CLI: --allow-pickle) to "
+                             "accept that for a source you trust.")
+        model_kwargs["use_safetensors"] = True
+        return
+    model_kwargs.setdefault("use_safetensors", None)  # transformers: safetensors first
+    local = Path(model_id)
+    if local.is_dir() and any(local.glob("*.safetensors")):
+        return
+    warnings.warn(f"allow_pickle=True: if {model_id} has only pickled weights "
+                  "(pytorch_model.bin), loading them unpickles them, which can run arbitrary "
+                  "code. Use it only for a source you trust, and convert the weights once "
+                  "(model.save_pretrained(folder) writes model.safetensors).", UserWarning,
+                  stacklevel=4)
+
+
+def _pickled_only(model_id: str, auto_class: str) -> ValueError:
+    local = Path(model_id)
+    found = [f for f in _PICKLED_WEIGHTS if (local / f).exists()] if local.is_dir() else []
+    what = f"has only pickled weights ({', '.join(found)})" if found else (
+        "has no safetensors weights (model.safetensors)")
+    return ValueError(
+        f"{model_id} {what}. hf_attrib loads safetensors only, because unpickling weights can "
+        "run arbitrary code. Convert them once, where you trust the file: "
+        f"{auto_class}.from_pretrained(path, use_safetensors=False).save_pretrained(path) "
+        "writes safetensors; or, for a source you trust, pass allow_pickle=True "
+        "(CLI: --allow-pickle).")
 
 
 def _load_processor(model_id: str, task: str, trust_remote_code: bool,
@@ -202,7 +250,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 
 
 def _load_peft(adapter_dir: str, task: str, trust_remote_code: bool, revision: str | None,
-               **model_kwargs: Any) -> tuple[nn.Module, Any]:
+               allow_pickle: bool = False, **model_kwargs: Any) -> tuple[nn.Module, Any]:
     import json
 
     try:
@@ -213,8 +261,10 @@ def _load_peft(adapter_dir: str, task: str, trust_remote_code: bool, revision: s
         "base_model_name_or_path")
     if not base_id:
         raise ValueError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path.")
+    if not allow_pickle and not (Path(adapter_dir) / "adapter_model.safetensors").exists():
+        raise _pickled_only(adapter_dir, "PeftModel")
     base, processor = load_pretrained(base_id, task, trust_remote_code, revision,
-                                      **model_kwargs)
+                                      allow_pickle=allow_pickle, **model_kwargs)
     # is_trainable=True: the adapter weights are the ones attributed through.
     model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     own = _load_processor(adapter_dir, task, trust_remote_code, revision)
@@ -390,9 +440,18 @@ class _Functions:
         inputs = {k: v for k, v in batch.items() if k != "labels" and (
             k in self._accepts or (self._accepts_any and k in _MODEL_INPUTS))}
         mask = inputs.get("attention_mask")
+        if (self.task == "causal-lm" and mask is not None and mask.dim() == 2
+                and "position_ids" not in inputs and self._takes("position_ids")):
+            # Left padding (Llama's tokenizers): without position ids the model numbers the
+            # positions from the first (padding) token, which shifts every real token's
+            # position. Counting real tokens gives each the position it has unpadded.
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         if self.mask_mode == "4d" and mask is not None and mask.dim() == 2:
             inputs["attention_mask"] = _bidirectional_mask(mask, self._dtype)
         return inputs
+
+    def _takes(self, name: str) -> bool:
+        return name in self._accepts or (self._accepts_any and name in _MODEL_INPUTS)
 
     def logits(self, params: dict[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         out = torch.func.functional_call(self.model, params, (), self.inputs(batch))
@@ -405,6 +464,12 @@ class _Functions:
         logits = self.logits(params, batch)
         if self.task in ("causal-lm", "masked-lm"):
             logp, mask = _token_logprobs(logits, labels, shift=self.task == "causal-lm")
+            attention = batch.get("attention_mask")
+            if self.task == "causal-lm" and attention is not None and attention.dim() == 2:
+                # A token is predicted from the position before it; after left padding the
+                # first real token would be "predicted" from a padding position, a term the
+                # unpadded sequence does not have.
+                mask = mask & attention[:, :-1].bool()
             return {"loss": -_masked_mean(logp, mask), "target": (logp * mask).sum(-1)}
         logp, margin, prob = _class_terms(logits, labels)
         if self.task == "token-classification":
@@ -480,6 +545,7 @@ def dataloader_from_dataset(
     text_column: str | None = None, text_pair_column: str | None = None,
     label_column: str | None = None, max_length: int | None = None,
     mlm_probability: float = 0.15, seed: int = 0, num_workers: int = 0,
+    label2id: Mapping[str, int] | None = None, num_labels: int | None = None,
 ) -> DataLoader:
     """An unshuffled ``DataLoader`` of dict batches from a ``datasets.Dataset``.
 
@@ -489,6 +555,11 @@ def dataloader_from_dataset(
     processor). Labels: a ``labels``/``label`` column (classification), ``input_ids`` with
     padding set to ``-100`` (causal LM), or a fixed random 15% masking drawn once with
     ``seed`` (masked LM without labels, so every pass sees the same masks).
+
+    Classification labels that are strings are mapped through ``label2id`` (the model's
+    ``config.label2id``; ``task.dataloader`` passes it); a label the head cannot score (an
+    unknown string, an integer outside ``0..num_labels-1``, a negative other than ``-100``)
+    is an error naming it.
     """
     from datasets import Dataset
 
@@ -498,28 +569,37 @@ def dataloader_from_dataset(
     if len(dataset) == 0:
         raise ValueError("the dataset is empty.")
     kind = _kind(task)
-    columns = set(dataset.column_names)
+    original_columns = list(dataset.column_names)  # as the user knows them, for messages
+    columns = set(original_columns)
+    label_source = "labels" if "labels" in columns else "label"
     if label_column and label_column != "labels":
         if label_column not in columns:
-            raise ValueError(f"label_column {label_column!r} is not a column "
-                             f"({sorted(columns)}).")
+            raise ValueError(f"label column {label_column!r} is not in the dataset; its columns "
+                             f"are {sorted(columns)}. Name the class label column with "
+                             "label_column=... (CLI: --label-column).")
         dataset = dataset.rename_column(label_column, "labels")
+        label_source = label_column
     elif "labels" not in columns and "label" in columns:
         dataset = dataset.rename_column("label", "labels")
     columns = set(dataset.column_names)
+    if "labels" in columns and (kind.classification or task == "token-classification"):
+        dataset = _class_labels(dataset, label_source, label2id, num_labels,
+                                ignore_index=task == "token-classification")
 
     if task == "image-classification":
         dataset = _image_features(dataset, processor)
     elif "input_ids" not in columns:
-        dataset = _tokenize(dataset, processor, text_column, text_pair_column, max_length)
+        dataset = _tokenize(dataset, processor, text_column, text_pair_column, max_length,
+                            shown_columns=original_columns)
     keep = [c for c in dataset.column_names if c in _MODEL_INPUTS or c == "labels"]
     dataset = dataset.select_columns(keep)
 
     if task == "masked-lm" and "labels" not in dataset.column_names:
         dataset = _fixed_masking(dataset, processor, mlm_probability, seed)
     if kind.classification and "labels" not in dataset.column_names:
-        raise ValueError(f"{task} needs a 'label' or 'labels' column (or label_column=); "
-                         f"the dataset has {dataset.column_names}.")
+        raise ValueError(f"{task} needs a 'label' or 'labels' column, or the class label "
+                         "column named with label_column=... (CLI: --label-column); the "
+                         f"dataset has {sorted(columns)}.")
     if task == "image-classification":
         from transformers import default_data_collator
         collate = default_data_collator
@@ -532,6 +612,48 @@ def dataloader_from_dataset(
         collate = _padding_collator(processor, task)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False,
                       collate_fn=_PlainDict(collate), num_workers=num_workers)
+
+
+def _class_labels(dataset: Any, column: str, label2id: Mapping[str, int] | None,
+                  num_labels: int | None, ignore_index: bool) -> Any:
+    """Map string labels through ``label2id`` and check every label is in the head's range
+    (``-100`` too with ``ignore_index``: token labels the loss skips; one label per example
+    has no such value, as the loss would read it as class 0)."""
+    values = dataset["labels"]
+    flat = [v for row in values for v in row] if values and isinstance(
+        values[0], (list, tuple)) else list(values)
+    strings = [v for v in flat if isinstance(v, str)]
+    if strings:
+        if not label2id:
+            raise ValueError(f"column {column!r} holds string labels (e.g. {strings[0]!r}) but "
+                             "no label2id was given to map them to class indices; pass "
+                             "label2id=model.config.label2id (task.dataloader does).")
+        unknown = next((v for v in strings if v not in label2id), None)
+        if unknown is not None:
+            raise ValueError(
+                f"label {unknown!r} in column {column!r} is not one of the model's labels "
+                f"{sorted(label2id)} (config.label2id). Use the model's label names, or a "
+                "model fine-tuned on these labels.")
+        mapping = dict(label2id)
+
+        def encode(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            return {"labels": [[mapping[v] for v in row] if isinstance(row, (list, tuple))
+                               else mapping[row] for row in rows["labels"]]}
+
+        dataset = dataset.map(encode, batched=True, desc="label2id")
+        flat = [mapping[v] if isinstance(v, str) else v for v in flat]
+    if num_labels is None:
+        return dataset
+    bad = next((v for v in flat if not (0 <= int(v) < num_labels
+                                         or (ignore_index and int(v) == -100))), None)
+    if bad is not None:
+        raise ValueError(
+            f"label {bad!r} in column {column!r} is outside the classification head: the model "
+            f"has num_labels={num_labels}, so labels must be 0..{num_labels - 1}"
+            + (" (or -100 for a token to ignore)" if ignore_index else "")
+            + ". Check the label column (label_column=..., CLI: --label-column), drop the "
+            "examples without a class, or load a model with a head of that many classes.")
+    return dataset
 
 
 def _equal_lengths(dataset: Any) -> bool:
@@ -582,13 +704,22 @@ def _needs_pad(processor: Any) -> None:
 
 
 def _tokenize(dataset: Any, processor: Any, text_column: str | None,
-              text_pair_column: str | None, max_length: int | None) -> Any:
+              text_pair_column: str | None, max_length: int | None,
+              shown_columns: list[str] | None = None) -> Any:
     columns = dataset.column_names
     if text_column is None:
         text_column = next((c for c in ("text", "sentence", "content") if c in columns), None)
-    if text_column is None or text_column not in columns:
-        raise ValueError(f"no text column to tokenise (columns {columns}); pass "
-                         "text_column=..., or a dataset with input_ids.")
+    if text_column is None:
+        raise ValueError(f"no text column to tokenise: the dataset has no 'text', 'sentence' "
+                         f"or 'content' column (its columns are {shown_columns or columns}). "
+                         "Name it with "
+                         "text_column=... (CLI: --text-column), or pass a dataset with "
+                         "input_ids.")
+    if text_column not in columns:
+        raise ValueError(f"text column {text_column!r} is not in the dataset; its columns are "
+                         f"{shown_columns or columns}. Name the column to tokenise with "
+                         "text_column=... "
+                         "(CLI: --text-column).")
     if processor is None or not callable(processor):
         raise ValueError(f"column {text_column!r} holds text, so a tokenizer is needed: pass "
                          "processor=tokenizer (or load the model from a folder with one).")
@@ -671,6 +802,31 @@ def _fixed_masking(dataset: Any, processor: Any, probability: float, seed: int) 
 _METHODS = ("trak", "tracin", "grad-dot", "grad-cos", "if-explicit", "if-cg", "if-lissa",
             "if-arnoldi", "rps")
 
+# The one set of defaults of ``task.attributor(method)`` and ``hf-attrib attribute`` (which
+# passes only the options given on its command line): the attributor classes' own defaults,
+# except the influence functions' Hessian damping. A transformer's loss Hessian is indefinite
+# away from a minimum, so the classes' regularization=0 (dattri's) would make CG/explicit
+# solves meaningless; 1e-2 is the damping of dattri's and Koh & Liang's examples.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "trak": {"projector_kwargs": {"proj_dim": 2048}, "regularization": 0.0},
+    "tracin": {},
+    "grad-dot": {},
+    "grad-cos": {},
+    "if-explicit": {"regularization": 1e-2},
+    "if-cg": {"regularization": 1e-2, "max_iter": 10},
+    "if-lissa": {},
+    "if-arnoldi": {"regularization": 1e-2},
+    "rps": {"l2_strength": 0.003, "fit_last_layer": True},
+}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """The keyword arguments ``task.attributor(method)`` gives the attributor by default."""
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_METHODS)}.")
+    return {k: dict(v) if isinstance(v, dict) else v
+            for k, v in METHOD_DEFAULTS[method].items()}
+
 
 class HFAttributionTask(AttributionTask):
     """An ``AttributionTask`` for a ``transformers`` model and task kind.
@@ -715,15 +871,21 @@ class HFAttributionTask(AttributionTask):
     def dataloader(self, dataset: Any, batch_size: int = 8, **kwargs: Any) -> DataLoader:
         """``dataloader_from_dataset`` with this task's kind and processor."""
         kwargs.setdefault("processor", self.processor)
+        config = getattr(_base_model(self.model), "config", None)
+        if TASK_KINDS[self.task_kind].classification or self.task_kind == "token-classification":
+            kwargs.setdefault("label2id", getattr(config, "label2id", None))
+            kwargs.setdefault("num_labels", getattr(config, "num_labels", None))
         return dataloader_from_dataset(dataset, self.task_kind, batch_size=batch_size, **kwargs)
 
-    def attributor(self, method: str, device: torch.device | str = "cpu", **kwargs: Any) -> Any:
+    def attributor(self, method: str, device: torch.device | str | None = None,
+                   **kwargs: Any) -> Any:
         """The attributor of ``method`` wired to this task (layers, TRAK's Q, RPS layer,
-        TracInCP step sizes); ``kwargs`` go to its constructor."""
+        TracInCP step sizes); ``kwargs`` go to its constructor, over ``METHOD_DEFAULTS``
+        (the same defaults as ``hf-attrib attribute``). ``device=None``: the model's device.
+        """
         from hf_attrib import algorithm as alg
 
-        if method not in _METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_METHODS)}.")
+        kwargs = {**method_defaults(method), **kwargs}
         if method == "rps":
             if self.rps_layer_name is None:
                 raise ValueError(f"RPS needs one feature vector per example at a final linear "
@@ -738,6 +900,14 @@ class HFAttributionTask(AttributionTask):
         if method == "tracin":
             if self.weight_list is not None:
                 kwargs.setdefault("weight_list", self.weight_list)
+            elif "weight_list" not in kwargs:
+                warnings.warn(
+                    f"TracInCP without learning rates: {self.num_checkpoints} checkpoint(s) "
+                    "and no weight_list, so every step size is 1 and the scores are "
+                    "gradient dot products summed over checkpoints, not estimates of a "
+                    "training step's effect. Pass weight_list=[lr, ...] or "
+                    "checkpoints=<Trainer output_dir> (its learning rates are read).",
+                    UserWarning, stacklevel=2)
             return alg.TracInAttributor(self, device=device, **kwargs)
         classes = {"grad-dot": alg.GradDotAttributor, "grad-cos": alg.GradCosAttributor,
                    "if-explicit": alg.IFAttributorExplicit, "if-cg": alg.IFAttributorCG,
@@ -807,6 +977,7 @@ def task_from_pretrained(
     tracin_weights: str = "lr",
     revision: str | None = None,
     device: torch.device | str | None = None,
+    allow_pickle: bool = False,
     **model_kwargs: Any,
 ) -> HFAttributionTask:
     """An attribution task for a ``transformers`` model.
@@ -831,6 +1002,8 @@ def task_from_pretrained(
         tracin_weights: ``"lr"`` or ``"interval"`` (see ``hf_attrib.integrations.trainer``).
         revision, **model_kwargs: passed to ``from_pretrained``.
         device: move the model there.
+        allow_pickle: also load pickled weights (``pytorch_model.bin``) when a checkpoint has
+            no safetensors. Off by default: unpickling can run arbitrary code.
     """
     _kind(task)
     if isinstance(model, (str, os.PathLike)) and not (Path(model) / "config.json").exists():
@@ -843,7 +1016,8 @@ def task_from_pretrained(
             model = _last_checkpoint(model)
     if isinstance(model, (str, os.PathLike)):
         model, loaded = load_pretrained(model, task, trust_remote_code=trust_remote_code,
-                                        revision=revision, **model_kwargs)
+                                        revision=revision, allow_pickle=allow_pickle,
+                                        **model_kwargs)
         processor = processor if processor is not None else loaded
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be a PreTrainedModel, a model id or a folder, got "
