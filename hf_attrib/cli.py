@@ -1,5 +1,6 @@
 """The ``hf-attrib`` command.
 
+    hf-attrib --version
     hf-attrib attribute --model ID_OR_DIR --task causal-lm --train DATASET --test DATASET
         --method trak [--layers last:2] [--out scores.safetensors] [--top-k 5]
     hf-attrib bench list
@@ -33,12 +34,13 @@ def _bench_list(_: argparse.Namespace) -> int:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    from hf_attrib.benchmark.runner import results_markdown, run_benchmark
+    from hf_attrib.benchmark.runner import check_writable, results_markdown, run_benchmark
     from hf_attrib.benchmark.settings import get_setting
 
     setting = get_setting(args.setting)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     out = args.out or f"bench-out/{setting.name}"
+    check_writable(out, "--out")  # before any training, in the option's name
     results = run_benchmark(setting, methods=methods, out_dir=out, device=args.device,
                             smoke=args.smoke, data_dir=args.data_dir,
                             loo_examples=args.loo_examples, search=args.search,
@@ -49,13 +51,15 @@ def _bench_run(args: argparse.Namespace) -> int:
 
 
 def _bench_ground_truth(args: argparse.Namespace) -> int:
-    from hf_attrib.benchmark.runner import build_ground_truth, prepare
+    from hf_attrib.benchmark.runner import build_ground_truth, check_writable, prepare
+    from hf_attrib.benchmark.settings import get_setting
     from hf_attrib.distributed import parse_shard
 
+    out = args.out or f"bench-out/{get_setting(args.setting).name}"
+    check_writable(out, "--out")
     prep = prepare(args.setting, args.data_dir, smoke=args.smoke)
     if args.block_size:
         prep.block_size = args.block_size
-    out = args.out or f"bench-out/{prep.setting.name}"
     results = build_ground_truth(prep, f"{out}/ground_truth", args.kind, models=args.models,
                                  shard=parse_shard(args.shard),
                                  loo_examples=args.loo_examples, progress=not args.no_progress)
@@ -66,10 +70,12 @@ def _bench_ground_truth(args: argparse.Namespace) -> int:
 
 
 def _hub_export(args: argparse.Namespace) -> int:
+    from hf_attrib.benchmark.runner import check_writable
     from hf_attrib.benchmark.settings import get_setting
     from hf_attrib.hub import export
 
     name = get_setting(args.setting).name
+    check_writable(args.out, "--out")
     gt_dir = args.gt_dir or f"bench-out/{name}/ground_truth"
     result = export(args.setting, args.out, gt_dir=gt_dir, smoke=args.smoke,
                     data_dir=args.data_dir, loo_examples=args.loo_examples,
@@ -127,10 +133,11 @@ def _add_hub(commands: argparse._SubParsersAction) -> None:
     from hf_attrib.hub.layout import DEFAULT_ORG, DEFAULT_RESULTS_REPO
 
     hub = commands.add_parser("hub", help="export, push and pull benchmark repos; push results")
-    cmds = hub.add_subparsers(dest="hub_command", required=True)
+    cmds = hub.add_subparsers(dest="hub_command", required=True, metavar="COMMAND",
+                              help="what to do (`hf-attrib hub COMMAND --help` for its options)")
     endpoint = dict(help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     ex = cmds.add_parser("export", help="write a setting's dataset and checkpoint repo folders")
-    ex.add_argument("setting")
+    ex.add_argument("setting", help="setting name, e.g. digits-lr (see `bench list`)")
     ex.add_argument("--out", required=True, help="writes OUT/dataset and OUT/checkpoints")
     ex.add_argument("--gt-dir", help="ground-truth build to export (default: "
                     "bench-out/SETTING/ground_truth; missing blocks are trained)")
@@ -139,7 +146,7 @@ def _add_hub(commands: argparse._SubParsersAction) -> None:
     ex.add_argument("--loo-examples", type=int, help="leave out only the first N examples")
     ex.add_argument("--shard-models", type=int, help="models per checkpoint shard")
     ex.add_argument("--org", default=DEFAULT_ORG, help="organisation named in the cards")
-    ex.add_argument("--no-progress", action="store_true")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     ex.set_defaults(func=_hub_export)
     pu = cmds.add_parser("push", help="upload an exported folder (create the repo if needed)")
     pu.add_argument("folder", help="OUT of `hub export` (pushes both repos) or one repo folder")
@@ -163,28 +170,43 @@ def _add_hub(commands: argparse._SubParsersAction) -> None:
     pl.add_argument("--out", help="download into OUT/dataset, OUT/checkpoints "
                     "(default: the Hugging Face cache)")
     pl.add_argument("--revision", help="branch, tag or commit")
-    pl.add_argument("--org", default=DEFAULT_ORG)
+    pl.add_argument("--org", default=DEFAULT_ORG,
+                    help=f"organisation of a setting's repos (default {DEFAULT_ORG})")
     pl.add_argument("--endpoint", **endpoint)
     pl.set_defaults(func=_hub_pull)
     pr = cmds.add_parser("push-results", help="add a run to a results repo and its leaderboard")
     pr.add_argument("results", help="results.json written by `hf-attrib bench run`")
-    pr.add_argument("--repo-id", default=DEFAULT_RESULTS_REPO)
-    pr.add_argument("--repo-type", choices=("model", "dataset"), default="model")
+    pr.add_argument("--repo-id", default=DEFAULT_RESULTS_REPO,
+                    help=f"results repo (default {DEFAULT_RESULTS_REPO})")
+    pr.add_argument("--repo-type", choices=("model", "dataset"), default="model",
+                    help="type of the results repo (default model)")
     pr.add_argument("--endpoint", **endpoint)
     pr.set_defaults(func=_hub_push_results)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hf-attrib``."""
-    parser = argparse.ArgumentParser(prog="hf-attrib", description="Data attribution benchmarks.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    from hf_attrib import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hf-attrib", description="Data attribution for PyTorch and Hugging Face models: "
+        "attribute a model's predictions to its training examples, and run the benchmarks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the hf-attrib version and exit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     help="what to do (`hf-attrib COMMAND --help` for its "
+                                          "options)")
     bench = commands.add_parser("bench", help="benchmark settings, ground truth and runs")
-    bench_cmds = bench.add_subparsers(dest="bench_command", required=True)
+    bench_cmds = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND",
+                                      help="what to do (`hf-attrib bench COMMAND --help` for "
+                                           "its options)")
     bench_cmds.add_parser("list", help="list the benchmark settings").set_defaults(
         func=_bench_list)
     gt = bench_cmds.add_parser("ground-truth", help="train (or resume) ground-truth models")
-    gt.add_argument("setting")
-    gt.add_argument("--kind", choices=("lds", "loo"), default="lds")
+    gt.add_argument("setting", help="setting name, e.g. digits-lr (see `bench list`)")
+    gt.add_argument("--kind", choices=("lds", "loo"), default="lds",
+                    help="lds: models on random subsets; loo: leave-one-out models "
+                         "(default lds)")
     gt.add_argument("--models", help="model ids a:b (only the blocks covering them)")
     gt.add_argument("--shard", help="i/n: take every n-th block starting at block i")
     gt.add_argument("--out", help="output folder (default: bench-out/SETTING)")
@@ -193,19 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--block-size", type=int,
                     help="models trained (and saved) together; default: fit ~64 MB")
     gt.add_argument("--smoke", action="store_true", help="tiny sizes (pipeline check)")
-    gt.add_argument("--no-progress", action="store_true")
+    gt.add_argument("--no-progress", action="store_true", help="no progress bars or progress lines")
     gt.set_defaults(func=_bench_ground_truth)
     run = bench_cmds.add_parser("run", help="build ground truth, run methods, print results")
     run.add_argument("setting", help="setting name, e.g. digits-lr (see `bench list`)")
     run.add_argument("--methods", help="comma-separated methods (default: all)")
     run.add_argument("--out", help="output folder (default: bench-out/SETTING)")
-    run.add_argument("--device", default="cpu")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     run.add_argument("--smoke", action="store_true", help="tiny sizes: checks the pipeline")
     run.add_argument("--data-dir", help="local copy of the source data")
     run.add_argument("--loo-examples", type=int, help="leave out only the first N examples")
     run.add_argument("--search", action="store_true",
                      help="hyperparameter search of the paper's Appendix C.1; best per metric")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bars or progress lines")
     run.add_argument("--from-hub", metavar="REPO_OR_DIR",
                      help="use pulled data, models and ground truth (a `hub pull --out` or "
                           "`hub export` folder, or a repo id to pull) instead of building them")
@@ -224,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, NotImplementedError, HubError) as err:
+    except (KeyError, ValueError, FileNotFoundError, NotImplementedError, HubError,
+            PermissionError, NotADirectoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"hf-attrib: error: {message}", file=sys.stderr)
         return 2

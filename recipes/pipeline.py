@@ -26,7 +26,10 @@ Stages, run in this order for every setting of the recipe (``--stage`` picks som
                   (the best value of each metric over the grid and the setting that reached
                   the best LDS, as the paper reports).
 ``push``          the dataset repo, the checkpoint repo and the results run to the Hub
-                  (``--endpoint`` or ``HF_ENDPOINT``; token from ``HF_TOKEN``).
+                  (``--endpoint`` or ``HF_ENDPOINT``; token from ``HF_TOKEN``). Without a
+                  token, in offline mode or with no Hub reachable it is skipped with a note
+                  (``push skipped: ...``) and not marked done, so an offline run succeeds and a
+                  later ``--stage push`` uploads.
 
 A finished stage writes ``WORK/SETTING/stages/STAGE.done`` (JSON: seconds, details) through a
 temporary file and a rename; a rerun skips it. Every start, skip and finish is appended to
@@ -43,6 +46,8 @@ import os
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +205,11 @@ class StageError(RuntimeError):
     """A stage cannot run (a prerequisite is missing); the message says what to run."""
 
 
+class StageSkipped(Exception):
+    """A stage that cannot run here and is not needed by the others (``push`` offline): the run
+    goes on, the stage is not marked done, and the message says how to run it later."""
+
+
 def _require(ctx: Context, stage: str, before: str) -> None:
     if ctx.done(before) is None:
         raise StageError(f"{ctx.setting_name}: stage {stage!r} needs stage {before!r} done "
@@ -344,11 +354,40 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
                      for r in rows}}
 
 
+def push_blocker(endpoint: str | None, timeout: float = 10.0) -> str | None:
+    """Why nothing can be pushed from here (offline mode, no token, no Hub), or ``None``.
+
+    Args:
+        endpoint: ``--endpoint`` (default: ``HF_ENDPOINT`` or huggingface.co).
+        timeout: seconds to wait for the Hub to answer.
+    """
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if get_token() is None:
+        return "no Hub token (set HF_TOKEN or run `hf auth login`)"
+    url = endpoint or constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return None  # the server answered (any status): it is there
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        return f"cannot reach the Hub at {url} ({reason}); pass --endpoint or set HF_ENDPOINT"
+    return None
+
+
 def stage_push(ctx: Context) -> dict[str, Any]:
     from hf_attrib.hub.layout import checkpoints_repo_id, dataset_repo_id
     from hf_attrib.hub.transfer import push, push_results
 
     _require(ctx, "push", "evaluate")
+    blocker = push_blocker(ctx.endpoint)
+    if blocker is not None:
+        raise StageSkipped(f"push skipped: {blocker}. The results are in "
+                           f"{ctx.root / 'results'}; to upload them later, rerun with "
+                           f"`--stage push` where the Hub is reachable.")
     org = ctx.cfg["org"]
     steps = [("dataset", lambda: push(ctx.root / "export" / "dataset",
                                       dataset_repo_id(ctx.setting_name, org), "dataset",
@@ -385,7 +424,12 @@ def run_stage(ctx: Context, stage: str) -> None:
         return
     ctx.log(stage, "start")
     start = time.perf_counter()
-    info = STAGE_FUNCS[stage](ctx)
+    try:
+        info = STAGE_FUNCS[stage](ctx)
+    except StageSkipped as note:  # no marker: a later run does the stage
+        ctx.log(stage, "skip", why=str(note))
+        print(f"pipeline: {note}", file=sys.stderr, flush=True)
+        return
     seconds = time.perf_counter() - start
     if stage == "attribute" and ctx.shard is None and info["missing"]:
         raise StageError(f"methods {info['missing']} did not finish")
@@ -433,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="Hub endpoint for push (default: HF_ENDPOINT)")
     p.add_argument("--block-size", type=int, help="ground-truth models trained and saved "
                    "together (default: as many as fit ~64 MB)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

@@ -107,6 +107,75 @@ def test_markers_are_written_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.done"]  # no temporary file left
 
 
+def _no_token(monkeypatch, tmp_path: Path) -> None:
+    import huggingface_hub.constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+def _closed_port_endpoint() -> str:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("case", ["no-token", "unreachable", "offline"])
+def test_push_without_a_hub_is_skipped_with_a_note(case, tmp_path, monkeypatch, capsys):
+    """An offline run ends with exit 0 and "push skipped: WHY"; push is not marked done, so a
+    later run with a Hub pushes. Nothing is uploaded (push() would fail the test)."""
+    import huggingface_hub.constants
+
+    import hf_attrib.hub.transfer as transfer
+
+    _no_token(monkeypatch, tmp_path)
+    endpoint = None
+    if case == "unreachable":
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        endpoint = _closed_port_endpoint()
+    elif case == "offline":
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for name in ("push", "push_results"):
+        monkeypatch.setattr(transfer, name, lambda *a, **k: pytest.fail("pushed"))
+    work = tmp_path / "work"
+    evaluate = work / "smoke" / "digits_lr" / "stages" / "evaluate.done"
+    pipeline.atomic_write_json(evaluate, {"stage": "evaluate"})
+    args = ["--config", str(_config("mnist")), "--smoke", "--work", str(work), "--stage", "push",
+            "--no-progress"] + (["--endpoint", endpoint] if endpoint else [])
+    assert pipeline.main(args) == 0
+    err = capsys.readouterr().err
+    why = {"no-token": "no Hub token (set HF_TOKEN or run `hf auth login`)",
+           "unreachable": f"cannot reach the Hub at {endpoint}",
+           "offline": "HF_HUB_OFFLINE is set"}[case]
+    assert f"push skipped: {why}" in err and "rerun with `--stage push`" in err, err
+    assert not (evaluate.parent / "push.done").exists()
+    events = [json.loads(x) for x in (work / "smoke" / "pipeline.log").read_text().splitlines()]
+    assert [(e["stage"], e["event"]) for e in events] == [("push", "start"), ("push", "skip")]
+
+
+def test_push_blocker_lets_a_reachable_hub_through(tmp_path, monkeypatch):
+    """Any HTTP answer (here 404 from a throwaway server) means the Hub is there."""
+    import http.server
+    import threading
+
+    _no_token(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert pipeline.push_blocker(f"http://127.0.0.1:{server.server_port}") is None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ---------------------------------------------------------------------------------- slow
 def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf_home"),
@@ -236,6 +305,23 @@ def _kill_when(args: list[str], env: dict, ready, timeout: float = 600) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+@pytest.mark.slow
+def test_default_smoke_run_succeeds_offline(tmp_path):
+    """`python recipes/pipeline.py --config recipes/mnist/config.toml --smoke` with no token
+    and no --endpoint: every stage but push runs, push is skipped with a note, exit 0."""
+    env = {k: v for k, v in _env(tmp_path).items()
+           if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT")}
+    work = tmp_path / "work"
+    result = subprocess.run([sys.executable, str(PIPELINE), "--config", str(_config("mnist")),
+                             "--smoke", "--work", str(work), "--no-progress"],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "push skipped: no Hub token" in result.stderr
+    stages = work / "smoke" / "digits_lr" / "stages"
+    assert (stages / "evaluate.done").is_file() and not (stages / "push.done").exists()
+    assert (work / "smoke" / "digits_lr" / "results" / "results.json").is_file()
 
 
 @pytest.mark.slow

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -76,7 +79,8 @@ from hf_attrib.model_utils.retraining import (
 )
 from hf_attrib.task import AttributionTask, _check_state_dict
 
-__all__ = ["METHODS", "build_ground_truth", "prepare", "results_markdown", "run_benchmark"]
+__all__ = ["METHODS", "build_ground_truth", "check_writable", "prepare", "results_markdown",
+           "run_benchmark"]
 
 METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "tracin", "grad-dot", "grad-cos",
            "rps", "trak-1", "trak-10", "trak-50")
@@ -322,6 +326,56 @@ class _PeakRSS:
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
+def check_writable(folder: str | Path, option: str = "out_dir") -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it.
+
+    Called before any training, so that a read-only or mistyped output folder fails in a
+    second instead of after the ground truth has been trained.
+
+    Args:
+        folder: the output folder.
+        option: how the caller names it (``"--out"`` on the command line), for the message.
+
+    Returns:
+        ``folder`` as a ``Path``.
+
+    Raises:
+        NotADirectoryError: ``folder`` (or a parent) is an existing file.
+        PermissionError: the folder cannot be created or written to.
+    """
+    path = Path(folder)
+    fix = f"pass a writable folder as {option}"
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output folder {str(path)!r} ({option}) is an existing file, "
+                                 f"not a folder; {fix}.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # A real write: access() is wrong on read-only mounts and for root.
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".hf-attrib-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError) as err:  # a parent is a file
+        raise NotADirectoryError(f"cannot create output folder {str(path)!r} ({option}): "
+                                 f"{err.strerror}: {err.filename!r}; {fix}.") from None
+    except OSError as err:
+        raise PermissionError(f"cannot write to output folder {str(path)!r} ({option}): "
+                              f"{err.strerror or err}; {fix}.") from None
+    return path
+
+
+def _say(progress: bool, message: str) -> None:
+    """A progress line on stderr (stdout carries the results table); off with ``--no-progress``."""
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _outcome(row: dict[str, Any]) -> str:
+    """``"LDS 0.761, LOO 0.908, AUC 0.984"``, or the error of a failed method."""
+    if "error" in row:
+        return f"failed ({row['error']})"
+    return ", ".join(f"{m.upper()} {row[m]:.3f}" for m in ("lds", "loo", "auc") if m in row)
+
+
 # Smoke runs shrink the data, the number of models and the architectures' widths.
 _SMOKE_MODEL = {
     "resnet9": dict(stem_channels=8, hidden_sizes=(16, 32, 64)),
@@ -508,7 +562,8 @@ def run_benchmark(
         search: evaluate each method over the hyperparameter grid ``SEARCH`` (Appendix C.1)
             and report the best value of each metric, as the paper does; otherwise use
             ``DEFAULTS``.
-        progress: progress bars.
+        progress: progress bars while training the ground truth, and a line on stderr as
+            each method starts and ends (``[3/11] if-cg done in 12.3 s: LDS ...``).
         from_hub: use pulled repos instead of building the ground truth: a folder written by
             ``hf-attrib hub export``/``hub pull --out`` (``dataset/`` + ``checkpoints/``) or a
             repo id / setting name to pull. The data, the full-data (and noisy-label) models,
@@ -517,6 +572,9 @@ def run_benchmark(
 
     Returns:
         The results (also written to ``out_dir/results.json`` and ``out_dir/results.md``).
+
+    Raises:
+        PermissionError, NotADirectoryError: ``out_dir`` cannot be written (checked first).
     """
     setting = get_setting(setting) if isinstance(setting, str) else setting
     if smoke:
@@ -527,7 +585,7 @@ def run_benchmark(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise KeyError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}.")
-    out = Path(out_dir)
+    out = check_writable(out_dir)  # before any training
     gt_dir = out / "ground_truth"
     prep = prepare(setting, data_dir, smoke=smoke, cache_dir=out / "cache")
     setting = prep.setting
@@ -550,6 +608,7 @@ def run_benchmark(
         build_ground_truth(prep, gt_dir, "loo", loo_examples=loo_examples, progress=progress)
         full = _load(model, gt_dir, "loo-full")
     else:
+        _say(progress, "training the full-data model ...")
         full = _train(model, fns["train_loss"], x, y, setting.seed, recipe)
     full_state = _unstack(full, 0)
     if prep.xt is None:
@@ -571,13 +630,18 @@ def run_benchmark(
                                torch.tensor(loo_index),
                                _evaluate(model, full, xt, yt, fns["target"])[0])
     # TracInCP's checkpoints along one training run (trained only when TracIn is run).
-    trajectory = (_trajectory(model, fns, x, y, setting, recipe) if "tracin" in methods
-                  else [])
+    trajectory: list[dict[str, Tensor]] = []
+    if "tracin" in methods:
+        _say(progress, "training TracInCP's checkpoints ...")
+        trajectory = _trajectory(model, fns, x, y, setting, recipe)
     noisy_state = None
     if "auc" in setting.metrics:
         xn, yn = BenchmarkData.tensors(data.noisy_train)
-        noisy = (pulled.noisy if pulled is not None and pulled.noisy is not None
-                 else _train(model, fns["train_loss"], xn, yn, setting.seed, recipe))
+        if pulled is not None and pulled.noisy is not None:
+            noisy = pulled.noisy
+        else:
+            _say(progress, "training the noisy-label model (for AUC) ...")
+            noisy = _train(model, fns["train_loss"], xn, yn, setting.seed, recipe)
         noisy_state = (_unstack(noisy, 0), DataLoader(TensorDataset(xn, yn), batch_size=250))
 
     # Methods. ---------------------------------------------------------------------------
@@ -587,10 +651,20 @@ def run_benchmark(
     if methods_given is None and setting.kind == "generation":
         methods = [m for m in methods if m != "rps"]  # RPS needs a classification head
     rows = []
-    for method in methods:
+    _say(progress, f"methods: {len(methods)} on {len(x)} training / {len(xt)} test examples"
+                   f"{' (hyperparameter search)' if search else ''}")
+    for i, method in enumerate(methods, 1):
+        # One line when a method starts and one when it ends: the methods phase can be most of
+        # the run (LiSSA, TRAK-50, the search grids), and a silent one looks hung.
+        trials = len(SEARCH[_family(method)]) if search else 1
+        _say(progress, f"[{i}/{len(methods)}] {method} ..."
+                       f"{f' ({trials} settings)' if trials > 1 else ''}")
+        start = time.perf_counter()
         rows.append(_run_method(method, model, fns, full_state, trajectory, lds_models,
                                 setting, train_loader, test_loader, ground_truth, noisy_state,
                                 data, device, search, smoke))
+        _say(progress, f"[{i}/{len(methods)}] {method} done in "
+                       f"{time.perf_counter() - start:.1f} s: {_outcome(rows[-1])}")
     results = {
         "setting": setting.name, "smoke": smoke, "search": search,
         "n_train": setting.n_train, "n_test": setting.n_test,
