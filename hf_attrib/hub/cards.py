@@ -5,6 +5,10 @@ symlink to it, declared as package data, so a wheel or sdist carries real copies
 (setuptools follows the link) and they are read with :mod:`importlib.resources` wherever
 ``hf_attrib`` is installed. A checkout where the link is not a link (git on Windows without
 symlinks) falls back to ``hub_cards/`` next to the source tree.
+
+Links between repos are absolute (``https://huggingface.co/datasets/ORG/NAME``): a relative link
+in a card resolves against the page it is shown on, which differs between the Hub's repo page,
+its file view and a local copy.
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from hf_attrib import __version__
 from hf_attrib.benchmark.settings import BenchmarkSetting
 
-__all__ = ["CITATION", "TEMPLATES", "checkpoints_card", "dataset_card", "results_card"]
+__all__ = ["CITATION", "HUB_URL", "TEMPLATES", "checkpoints_card", "dataset_card", "hub_url",
+           "results_card"]
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "hub_cards"  # source-tree fallback
+
+#: Where card links point. Fixed rather than ``HF_ENDPOINT``: an exported folder must not depend
+#: on the environment it was exported in (re-exporting unchanged data makes no new commit).
+HUB_URL = "https://huggingface.co"
 
 CITATION = """@inproceedings{deng2024dattri,
   title     = {dattri: A Library for Efficient Data Attribution},
@@ -63,6 +72,22 @@ def _template(name: str) -> str:
         f"(hf_attrib/hub/templates/{name}) or from {path}; reinstall hf_attrib.")
 
 
+def hub_url(repo_id: str, repo_type: str = "model", path: str | None = None) -> str:
+    """The absolute Hub address of a repo, or of one of its files (``path``).
+
+    Args:
+        repo_id: ``ORG/NAME``.
+        repo_type: ``"model"``, ``"dataset"`` or ``"space"``.
+        path: a file in the repo (shown from its ``main`` branch).
+
+    Returns:
+        E.g. ``https://huggingface.co/datasets/ORG/NAME``.
+    """
+    prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[repo_type]
+    url = f"{HUB_URL}/{prefix}{repo_id}"
+    return url if path is None else f"{url}/blob/main/{path}"
+
+
 def _license(setting: BenchmarkSetting) -> dict[str, Any]:
     if setting.license == "public-domain":  # no Hub license id: "other" with a name
         return {"license": "other", "license_name": "public-domain"}
@@ -89,6 +114,8 @@ def _common(setting: BenchmarkSetting, smoke: bool, index: dict[str, Any]) -> di
                     f"hf-attrib hub push export/{name} --repo-id {index['dataset_repo_id']}"),
         dataset_repo_id=index["dataset_repo_id"],
         checkpoints_repo_id=index["checkpoints_repo_id"],
+        dataset_url=hub_url(index["dataset_repo_id"], "dataset"),
+        checkpoints_url=hub_url(index["checkpoints_repo_id"], "model"),
     )
 
 
@@ -143,8 +170,12 @@ def checkpoints_card(setting: BenchmarkSetting, index: dict[str, Any]) -> ModelC
     return ModelCard.from_template(
         data, template_str=_template("checkpoints_card.md"), **_common(setting, smoke, index),
         pretty_name=f"dattri benchmark checkpoints: {setting.name.replace('_', '-')}",
-        kinds=kinds)
+        kinds=kinds, auto_class=_AUTO_CLASSES[setting.kind])
 
+
+# The Auto class that loads the full-data model with its head: a classifier's AutoModel class
+# is the classifier itself; a causal LM's AutoModel would drop the LM head.
+_AUTO_CLASSES = {"classification": "AutoModel", "generation": "AutoModelForCausalLM"}
 
 _METRIC_NAMES = {"lds": "LDS", "loo": "LOO correlation", "auc": "noisy-label AUC"}
 
@@ -153,9 +184,11 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
-def results_card(runs: list[tuple[str, dict[str, Any]]], repo_id: str) -> ModelCard:
+def results_card(runs: list[tuple[str, dict[str, Any]]], repo_id: str,
+                 repo_type: str = "model") -> ModelCard:
     """The results repo's leaderboard from all runs (``(path, results)`` pairs): one table per
-    setting, best LDS first, and ``model-index`` results (one per run, method and metric)."""
+    setting, best LDS first, and ``model-index`` results (one per run, method and metric).
+    Each row links to its run file at ``repo_id`` (a ``repo_type`` repo) on the Hub."""
     by_setting: dict[str, list[dict[str, Any]]] = {}
     evals: list[EvalResult] = []
     for path, result in sorted(runs, key=lambda r: r[0]):
@@ -168,7 +201,8 @@ def results_card(runs: list[tuple[str, dict[str, Any]]], repo_id: str) -> ModelC
             by_setting.setdefault(setting, []).append(dict(
                 method=row["method"], lds=_fmt(lds), loo=_fmt(row.get("loo")),
                 auc=_fmt(row.get("auc")), seconds=_fmt(row.get("seconds")), run=run,
-                path=path, key=lds if isinstance(lds, (int, float)) and lds == lds else None))
+                url=hub_url(repo_id, repo_type, path),
+                key=lds if isinstance(lds, (int, float)) and lds == lds else None))
             for metric in ("lds", "loo", "auc"):
                 value = row.get(metric)
                 if isinstance(value, (int, float)) and value == value:
