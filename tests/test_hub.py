@@ -141,6 +141,28 @@ def test_pushing_the_same_folder_again_makes_no_commit(pushed, exported):
     assert pushed.head("dataset", "org/digits-lr") == before
 
 
+@pytest.mark.slow  # a second export (~10 s)
+def test_re_export_is_byte_identical_and_its_push_makes_no_commit(pushed, exported, tmp_path):
+    out, first = exported
+    again = export("digits-lr", tmp_path / "again", gt_dir=out / "ground_truth", smoke=True,
+                   shard_models=2)
+    for a, b in ((first.dataset_dir, again.dataset_dir),
+                 (first.checkpoints_dir, again.checkpoints_dir)):
+        names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+        assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+        for name in names:
+            assert sha256_file(a / name) == sha256_file(b / name), name
+    commits = pushed.commits
+    heads = (pushed.head("dataset", "org/digits-lr"),
+             pushed.head("model", "org/digits-lr-checkpoints"))
+    push(again.dataset_dir, "org/digits-lr", endpoint=pushed.endpoint, token=TOKEN)
+    push(again.checkpoints_dir, "org/digits-lr-checkpoints", endpoint=pushed.endpoint,
+         token=TOKEN)
+    assert pushed.commits == commits
+    assert heads == (pushed.head("dataset", "org/digits-lr"),
+                     pushed.head("model", "org/digits-lr-checkpoints"))
+
+
 def test_partial_pull_fetches_only_the_shards_holding_the_models(pushed, exported, tmp_path):
     _, result = exported
     pushed.requests.clear()

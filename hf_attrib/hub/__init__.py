@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from hf_attrib.hub.errors import HubAuthError, HubError, HubIntegrityError, HubNotFoundError
+from hf_attrib.hub.errors import (
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubIntegrityError,
+    HubNotFoundError,
+    HubPathError,
+)
 from hf_attrib.hub.layout import (
     DEFAULT_ORG,
     DEFAULT_RESULTS_REPO,
@@ -33,9 +40,11 @@ __all__ = [
     "ExportResult",
     "GroundTruth",
     "HubAuthError",
+    "HubConnectionError",
     "HubError",
     "HubIntegrityError",
     "HubNotFoundError",
+    "HubPathError",
     "PullResult",
     "checkpoints_repo_id",
     "dataset_repo_id",

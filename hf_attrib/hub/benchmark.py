@@ -1,4 +1,8 @@
-"""Read pulled (or exported) repos back: ground truth, checkpoints, data; ``load_benchmark``."""
+"""Read pulled (or exported) repos back: ground truth, checkpoints, data; ``load_benchmark``.
+
+Every file is read through :func:`~hf_attrib.hub.layout.verified_path`: only files the index
+names, inside the repo folder, matching their recorded sha256.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hf_attrib.hub.errors import HubNotFoundError
-from hf_attrib.hub.layout import BUFFER_PREFIX, DEFAULT_ORG, MODEL_IDS_KEY, read_index
+from hf_attrib.hub.layout import (
+    BUFFER_PREFIX,
+    DEFAULT_ORG,
+    MODEL_IDS_KEY,
+    read_index,
+    verified_path,
+)
 
 __all__ = ["Benchmark", "GroundTruth", "load_benchmark", "read_checkpoints",
            "read_ground_truth", "read_splits", "read_state", "resolve_folders"]
@@ -63,26 +73,27 @@ class GroundTruth:
         return self.loo_targets, self.loo_indices, self.loo_full_targets
 
 
-def _need(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise HubNotFoundError(f"{path} is missing: pull it with `hf-attrib hub pull SETTING "
-                               f"--what {what}` (or export the setting again).")
-    return path
+def _need(folder: Path, index: dict[str, Any], name: str, what: str) -> Path:
+    """``folder/name``, verified against ``index``; missing: name the pull that fetches it."""
+    return verified_path(folder, index, name, missing=(
+        f"{folder / name} is missing: pull it with `hf-attrib hub pull SETTING --what {what}` "
+        "(or export the setting again)."))
 
 
 def read_ground_truth(dataset_dir: str | Path) -> GroundTruth:
     """The ground truth of a dataset repo folder."""
     folder = Path(dataset_dir)
     meta = read_index(folder)
-    lds = load_file(str(_need(folder / "ground_truth" / "lds.safetensors", "ground-truth")))
+    lds = load_file(str(_need(folder, meta, "ground_truth/lds.safetensors", "ground-truth")))
     gt = GroundTruth(lds["masks"].bool(), lds["model_ids"], lds["targets"],
                      lds["ground_truth_model_ids"], meta=meta)
     if "loo" in meta.get("metrics", []):
-        loo = load_file(str(_need(folder / "ground_truth" / "loo.safetensors", "ground-truth")))
+        loo = load_file(str(_need(folder, meta, "ground_truth/loo.safetensors",
+                                  "ground-truth")))
         gt.loo_indices, gt.loo_targets = loo["indices"], loo["targets"]
         gt.loo_full_targets = loo["full_targets"]
     if "auc" in meta.get("metrics", []):
-        noisy = load_file(str(_need(folder / "ground_truth" / "noisy_labels.safetensors",
+        noisy = load_file(str(_need(folder, meta, "ground_truth/noisy_labels.safetensors",
                                     "ground-truth")))
         gt.noisy_indices, gt.noisy_labels = noisy["indices"], noisy["labels"]
     return gt
@@ -102,12 +113,9 @@ def read_checkpoints(ckpt_dir: str | Path, kind: str, models: Any = None
     files = shards_for(index, kind, models)
     rng = _parse_models(models)
     parts: dict[str, list[Tensor]] = {}
+    spec = f" --models {models}" if models is not None else ""
     for name in files:
-        path = folder / name
-        if not path.is_file():
-            spec = f" --models {models}" if models is not None else ""
-            raise HubNotFoundError(f"{path} is missing: pull it with `hf-attrib hub pull "
-                                   f"SETTING --what checkpoints{spec}`.")
+        path = _need(folder, index, name, f"checkpoints{spec}")
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 parts.setdefault(key, []).append(f.get_tensor(key))
@@ -124,16 +132,21 @@ def read_checkpoints(ckpt_dir: str | Path, kind: str, models: Any = None
 def read_state(ckpt_dir: str | Path, kind: str = "full") -> dict[str, Tensor]:
     """The state dict of a single-model kind (``full``: ``model.safetensors``, ``noisy``)."""
     folder = Path(ckpt_dir)
-    entry = read_index(folder)["kinds"].get(kind)
+    index = read_index(folder)
+    entry = index.get("kinds", {}).get(kind)
     if entry is None or "file" not in entry:
         raise HubNotFoundError(f"{folder} has no single model of kind {kind!r}.")
-    return load_file(str(_need(folder / entry["file"], "checkpoints")))
+    return load_file(str(_need(folder, index, entry["file"], "checkpoints")))
 
 
 def read_splits(dataset_dir: str | Path) -> datasets.DatasetDict:
-    """The parquet splits of a dataset repo folder (``datasets.load_dataset``)."""
+    """The parquet splits of a dataset repo folder (``datasets.load_dataset``): the
+    ``data/*.parquet`` files its index lists (other files in ``data/`` are not read)."""
     folder = Path(dataset_dir)
-    files = {p.name.split("-")[0]: str(p) for p in sorted((folder / "data").glob("*.parquet"))}
+    index = read_index(folder)
+    names = sorted(n for n in index["files"]
+                   if n.startswith("data/") and n.count("/") == 1 and n.endswith(".parquet"))
+    files = {Path(n).name.split("-")[0]: str(_need(folder, index, n, "data")) for n in names}
     if not files:
         raise HubNotFoundError(f"{folder / 'data'} holds no parquet files: pull them with "
                                "`hf-attrib hub pull SETTING --what data`.")
@@ -248,7 +261,8 @@ def load_benchmark(setting: str, source: str | Path | None = None, *,
     if s.kind == "generation":
         import json
 
-        vocab = json.loads((ck_dir / "config.json").read_text()).get("vocab_size")
+        config = _need(ck_dir, read_index(ck_dir), "config.json", "checkpoints")
+        vocab = json.loads(config.read_text()).get("vocab_size")
     model = runner.build_model(s, vocab)
     full_state = read_state(ck_dir, "full")
     runner._load_state(model, full_state)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["HubAuthError", "HubError", "HubIntegrityError", "HubNotFoundError"]
+__all__ = [
+    "HubAuthError",
+    "HubConnectionError",
+    "HubError",
+    "HubIntegrityError",
+    "HubNotFoundError",
+    "HubPathError",
+]
 
 
 class HubError(Exception):
@@ -18,4 +25,15 @@ class HubAuthError(HubError):
 
 
 class HubIntegrityError(HubError):
-    """A downloaded file does not match the hash recorded in the repository's index."""
+    """A file does not match the hash recorded in the repository's index, has no recorded
+    hash, or the index itself is damaged (not JSON, not an hf-attrib index)."""
+
+
+class HubPathError(HubError, ValueError):
+    """An index names a file that is not a plain relative path inside its repo folder
+    (absolute, ``..``, a Windows drive or backslash, or a symlink that leads outside)."""
+
+
+class HubConnectionError(HubError, ConnectionError):
+    """The Hub cannot be reached (network down, wrong endpoint, or offline mode without the
+    files in the cache)."""

@@ -2,7 +2,9 @@
 
 ``export(setting, out)`` builds (or resumes, or reuses) the setting's ground truth with the
 benchmark runner, then writes ``out/dataset`` and ``out/checkpoints`` in the layout of
-``docs/hub.md``. Everything is safetensors, parquet or JSON: nothing is pickled.
+``docs/hub.md``. Everything is safetensors, parquet or JSON: nothing is pickled. The files are
+byte-reproducible (safetensors headers in a fixed order, no timestamps), so exporting unchanged
+data again gives identical files and pushing them again makes no commit.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import datasets
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from hf_attrib import __version__
@@ -24,6 +25,7 @@ from hf_attrib.benchmark import runner
 from hf_attrib.benchmark.data import BenchmarkData
 from hf_attrib.benchmark.settings import BenchmarkSetting
 from hf_attrib.hub.cards import checkpoints_card, dataset_card
+from hf_attrib.hub.errors import HubPathError
 from hf_attrib.hub.layout import (
     BUFFER_PREFIX,
     CHECKPOINTS_FORMAT,
@@ -32,9 +34,11 @@ from hf_attrib.hub.layout import (
     INDEX_FILE,
     INDEX_FORMAT,
     MODEL_IDS_KEY,
+    check_folder,
     checkpoints_repo_id,
     dataset_repo_id,
     file_entry,
+    save_safetensors,
     shard_name,
 )
 from hf_attrib.model_utils.retraining import load_subsets
@@ -85,7 +89,7 @@ def _write_shards(folder: Path, kind: str, params: dict[str, Tensor],
             tensors[name] = t[lo:hi].contiguous()
         rel = shard_name(kind, i, count)
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(folder / rel), metadata={
+        save_safetensors(tensors, str(folder / rel), metadata={
             "format": CHECKPOINTS_FORMAT, "kind": kind, "start": str(int(ids[lo])),
             "stop": str(int(ids[hi - 1]) + 1)})
         shards.append({"file": rel, "start": int(ids[lo]), "stop": int(ids[hi - 1]) + 1})
@@ -170,6 +174,9 @@ def export(
 
     dataset_dir, ckpt_dir = out / "dataset", out / "checkpoints"
     for folder in (dataset_dir, ckpt_dir):
+        if folder.is_symlink():  # rmtree refuses links; never write through one
+            raise HubPathError(f"{folder} is a symbolic link: export writes real folders "
+                               "under --out; remove the link or pick another --out.")
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
@@ -197,7 +204,7 @@ def export(
     meta = {"format": GROUND_TRUTH_FORMAT, "setting": s.name, "smoke": str(smoke),
             "n_train": str(s.n_train), "n_test": str(s.n_test),
             "hf_attrib_version": __version__}
-    save_file({"masks": masks.contiguous(), "model_ids": lds_ids.to(torch.int64),
+    save_safetensors({"masks": masks.contiguous(), "model_ids": lds_ids.to(torch.int64),
                "targets": lds_targets.float().contiguous(),
                "ground_truth_model_ids": torch.tensor(list(s.ground_truth_model_ids),
                                                       dtype=torch.int64)},
@@ -209,7 +216,7 @@ def export(
         loo_targets = runner._evaluate(model, (loo_params, loo_buffers), prep.xt, prep.yt,
                                        fns["target"])
         full_targets = runner._evaluate(model, full, prep.xt, prep.yt, fns["target"])[0]
-        save_file({"indices": torch.tensor(loo_index, dtype=torch.int64),
+        save_safetensors({"indices": torch.tensor(loo_index, dtype=torch.int64),
                    "targets": loo_targets.float().contiguous(),
                    "full_targets": full_targets.float().contiguous()},
                   str(dataset_dir / "ground_truth" / "loo.safetensors"),
@@ -217,7 +224,7 @@ def export(
     noisy_state = None
     if prep.data.noisy_indices is not None:
         _, yn = BenchmarkData.tensors(prep.data.noisy_train)
-        save_file({"indices": prep.data.noisy_indices.to(torch.int64).contiguous(),
+        save_safetensors({"indices": prep.data.noisy_indices.to(torch.int64).contiguous(),
                    "labels": yn.contiguous()},
                   str(dataset_dir / "ground_truth" / "noisy_labels.safetensors"),
                   metadata={**meta, "kind": "noisy_labels"})
@@ -241,7 +248,7 @@ def export(
                                                 loo_ids, per)}
     if noisy_state is not None:
         (ckpt_dir / "noisy").mkdir()
-        save_file({k: v.contiguous() for k, v in noisy_state.items()},
+        save_safetensors({k: v.contiguous() for k, v in noisy_state.items()},
                   str(ckpt_dir / "noisy" / "model.safetensors"),
                   metadata={"format": CHECKPOINTS_FORMAT, "kind": "noisy"})
         kinds["noisy"] = {"file": "noisy/model.safetensors", "num_models": 1}
@@ -261,5 +268,6 @@ def export(
         card = (dataset_card(s, entry, list(splits)) if repo == "dataset"
                 else checkpoints_card(s, entry))
         card.save(str(folder / "README.md"))
+        check_folder(folder)  # what push and the readers will check: fail here, not there
     return ExportResult(dataset_dir, ckpt_dir, index["dataset_repo_id"],
                         index["checkpoints_repo_id"])

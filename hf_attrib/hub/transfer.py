@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -23,24 +24,37 @@ from huggingface_hub import (
     hf_hub_download,
     snapshot_download,
 )
+from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
-from hf_attrib.hub.errors import HubAuthError, HubError, HubIntegrityError, HubNotFoundError
+from hf_attrib.hub.errors import (
+    HubAuthError,
+    HubConnectionError,
+    HubError,
+    HubIntegrityError,
+    HubNotFoundError,
+    HubPathError,
+)
 from hf_attrib.hub.layout import (
     CHECKPOINTS_SUFFIX,
     DEFAULT_ORG,
     INDEX_FILE,
     RESULTS_FORMAT,
+    check_folder,
     checkpoints_repo_id,
+    confined_path,
     dataset_repo_id,
-    read_index,
+    indexed_names,
+    parse_index,
     setting_slug,
-    sha256_file,
+    verify_file,
 )
 
 __all__ = ["PullResult", "pull", "push", "push_results", "resolve_repos"]
@@ -53,26 +67,80 @@ WHAT = ("data", "ground-truth", "checkpoints")
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) says the Hub could not be reached: a network error
+    of the HTTP client huggingface_hub uses, offline mode, or huggingface_hub's "not in the
+    local cache" after a failed lookup."""
+    network: list[type[BaseException]] = [LocalEntryNotFoundError, OfflineModeIsEnabled]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        if module in sys.modules:  # only the clients already in use
+            network.append(getattr(sys.modules[module], name))
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, tuple(network)):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+_READ_HINT = ("use --data-dir / a local folder: pass an `hf-attrib hub export` or `hub pull "
+              "--out` folder instead of the repo id (`bench run --from-hub DIR`, "
+              "`load_benchmark(setting, DIR)`) and --data-dir for a setting's source data, or "
+              "check the network and the endpoint (HF_ENDPOINT / --endpoint).")
+_WRITE_HINT = ("check the network and the endpoint (HF_ENDPOINT / --endpoint), then push "
+               "again (files already on the Hub are skipped).")
+
+
+def _unreachable_error(endpoint: str | None, err: BaseException,
+                       hint: str = _READ_HINT) -> HubConnectionError:
+    where = (endpoint or hf_constants.ENDPOINT).rstrip("/")
+    offline = (", offline mode (HF_HUB_OFFLINE) and not in the local cache"
+               if hf_constants.is_offline_mode() else "")
+    cause = str(err).splitlines()[0] if str(err) else ""
+    return HubConnectionError(f"cannot reach the Hub ({where}{offline}); {hint} "
+                              f"[{type(err).__name__}: {cause}]")
+
+
 def _hub_call(fn: Callable[[], T], repo_id: str, repo_type: str, revision: str | None,
-              filename: str | None = None) -> T:
-    """Run a huggingface_hub call; turn its not-found errors into ones that say what to do."""
+              filename: str | None = None, endpoint: str | None = None,
+              hint: str = _READ_HINT) -> T:
+    """Run a huggingface_hub call; turn its not-found and network errors into ones that say
+    what to do (``hint``: the fix when the Hub cannot be reached)."""
     kind = "dataset" if repo_type == "dataset" else repo_type
     try:
         return fn()
-    except RevisionNotFoundError as err:
-        raise HubNotFoundError(
+    except Exception as err:
+        # LocalEntryNotFoundError is an EntryNotFoundError, but means "no network and not in
+        # the cache", not "no such file" (the old message said "file None not found").
+        not_found = (None if isinstance(err, LocalEntryNotFoundError)
+                     else _not_found(err, kind, repo_id, revision, filename))
+        if not_found is not None:
+            raise not_found from err
+        if _unreachable(err):
+            raise _unreachable_error(endpoint, err, hint) from err
+        raise
+
+
+def _not_found(err: Exception, kind: str, repo_id: str, revision: str | None,
+               filename: str | None) -> HubNotFoundError | None:
+    """The :class:`HubNotFoundError` for one of huggingface_hub's not-found errors."""
+    if isinstance(err, RevisionNotFoundError):
+        return HubNotFoundError(
             f"revision {revision!r} not found in the {kind} repo {repo_id}: pass an existing "
-            "branch, tag or commit (--revision), or omit it for 'main'.") from err
-    except EntryNotFoundError as err:
-        raise HubNotFoundError(
+            "branch, tag or commit (--revision), or omit it for 'main'.")
+    if isinstance(err, EntryNotFoundError):
+        return HubNotFoundError(
             f"file {filename!r} not found in the {kind} repo {repo_id} at revision "
             f"{revision or 'main'}: it is not an hf-attrib {kind} repo, or was pushed "
-            "incompletely; re-export and push it (`hf-attrib hub export` / `hub push`).") from err
-    except RepositoryNotFoundError as err:
-        raise HubNotFoundError(
+            "incompletely; re-export and push it (`hf-attrib hub export` / `hub push`).")
+    if isinstance(err, RepositoryNotFoundError):
+        return HubNotFoundError(
             f"{kind} repo {repo_id} not found (or not visible with your token): check the repo "
             "id and --repo-type, the endpoint (HF_ENDPOINT / --endpoint), and log in with "
-            "`hf auth login` for a private repo.") from err
+            "`hf auth login` for a private repo.")
+    return None
 
 
 def _require_token(token: str | None) -> str:
@@ -92,6 +160,11 @@ def push(folder: str | Path, repo_id: str, repo_type: str | None = None, *,
          private: bool | None = None, commit_message: str | None = None,
          large: bool = False) -> str:
     """Upload a repo folder written by :func:`~hf_attrib.hub.export` (one commit).
+
+    The folder is checked first (:func:`~hf_attrib.hub.layout.check_folder`): every file its
+    index names must be inside it, present and match its recorded sha256, or nothing is
+    uploaded. Only the index, ``README.md`` and the files the index names are uploaded.
+    Unchanged files are skipped, so pushing an unchanged export again makes no commit.
 
     Args:
         folder: the folder (``export_dir/dataset`` or ``export_dir/checkpoints``).
@@ -115,24 +188,32 @@ def push(folder: str | Path, repo_id: str, repo_type: str | None = None, *,
     if not folder.is_dir():
         raise HubNotFoundError(f"{folder} is not a folder; export one with `hf-attrib hub "
                                "export SETTING --out DIR`.")
-    index = read_index(folder)
+    index = check_folder(folder)
+    # Exactly the checked files (names hold no glob characters: check_relative refuses them).
+    files = [INDEX_FILE, *indexed_names(index)]
+    if (folder / "README.md").is_file():
+        confined_path(folder, "README.md", "the repo card")
+        files.append("README.md")
     repo_type = repo_type or index.get("repo_type", "dataset")
     token = _require_token(token)
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    _hub_call(lambda: api.create_repo(repo_id, repo_type=repo_type, private=private,
+                                      exist_ok=True), repo_id, repo_type, revision,
+              endpoint=endpoint, hint=_WRITE_HINT)
     message = commit_message or f"hf-attrib: upload {index.get('setting', folder.name)}"
     if large and hasattr(api, "upload_large_folder"):  # huggingface_hub 0.25 to 1.x
         _hub_call(lambda: api.upload_large_folder(
             repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision,
-            private=private, ignore_patterns=[".cache/**"]), repo_id, repo_type, revision)
+            private=private, allow_patterns=files, ignore_patterns=[".cache/**"]), repo_id,
+            repo_type, revision, endpoint=endpoint, hint=_WRITE_HINT)
         return f"{api.endpoint}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
     if large:  # huggingface_hub >= 2: upload_folder is the resumable multi-commit upload
         _require_multi_commit_upload()
     try:
         info = _hub_call(lambda: api.upload_folder(
             repo_id=repo_id, folder_path=folder, repo_type=repo_type, revision=revision,
-            commit_message=message, ignore_patterns=[".cache/**"]), repo_id, repo_type,
-            revision)
+            commit_message=message, allow_patterns=files, ignore_patterns=[".cache/**"]),
+            repo_id, repo_type, revision, endpoint=endpoint, hint=_WRITE_HINT)
     except HfHubHTTPError as err:
         if not large:
             raise
@@ -226,40 +307,73 @@ def shards_for(index: dict[str, Any], kind: str, models: Any = None) -> list[str
 
 def _verify(local: Path, index: dict[str, Any], files: Iterable[str],
             refetch: Callable[[str], Path]) -> None:
-    """Check every downloaded file against the index's SHA-256; re-fetch a bad one once."""
-    recorded = index.get("files", {})
+    """Check every downloaded file against the index's SHA-256; re-fetch a bad one once.
+
+    Every name is one the index lists in ``files`` (:func:`parse_index` refuses an index
+    naming a file without a hash), so nothing downloaded goes unchecked.
+    """
+    recorded = index["files"]
     for name in files:
-        if name not in recorded:
+        try:
+            verify_file(confined_path(local, name), recorded[name], name)
             continue
-        path = local / name
-        if sha256_file(path) == recorded[name]["sha256"]:
-            continue
-        logger.warning("%s does not match its recorded sha256; downloading it again", name)
+        except HubIntegrityError:
+            logger.warning("%s does not match its recorded sha256; downloading it again", name)
         path = refetch(name)
-        if sha256_file(path) != recorded[name]["sha256"]:
+        try:
+            verify_file(path, recorded[name], name)
+        except HubIntegrityError:
             raise HubIntegrityError(
                 f"{name} is corrupted: its sha256 does not match the one in {INDEX_FILE} even "
                 f"after downloading it again ({path}); the copy on the Hub is damaged: "
-                "re-export and push the repo, or report it to the repo's owners.")
+                "re-export and push the repo, or report it to the repo's owners.") from None
 
 
-def _pull_repo(repo_id: str, repo_type: str, patterns: list[str], *, out: Path | None,
-               revision: str | None, endpoint: str | None, token: str | None,
-               cache_dir: str | Path | None, index: dict[str, Any] | None,
+def _fetch_index(repo_id: str, repo_type: str, kwargs: dict[str, Any],
+                 endpoint: str | None) -> dict[str, Any]:
+    """Download and validate a repo's index; a damaged one (a corrupt cached copy: not JSON,
+    not an index) is downloaded again once before it is an error."""
+    revision = kwargs.get("revision")
+    source = f"{INDEX_FILE} of the {repo_type} repo {repo_id}"
+
+    def read(force: bool) -> dict[str, Any]:
+        path = _hub_call(lambda: hf_hub_download(repo_id, INDEX_FILE, force_download=force,
+                                                 **kwargs),
+                         repo_id, repo_type, revision, INDEX_FILE, endpoint)
+        return parse_index(Path(path).read_bytes(), source)
+
+    try:
+        return read(False)
+    except (HubIntegrityError, HubPathError) as err:
+        logger.warning("%s; downloading it again", err)
+    try:
+        return read(True)
+    except (HubIntegrityError, HubPathError) as err:
+        raise type(err)(f"{err} (the index was downloaded again and is still damaged: the copy "
+                        "on the Hub is; re-export and push the repo, or report it to the repo's "
+                        "owners)") from None
+
+
+def _pull_repo(repo_id: str, repo_type: str, select: Callable[[dict[str, Any]], list[str]], *,
+               out: Path | None, revision: str | None, endpoint: str | None,
+               token: str | None, cache_dir: str | Path | None,
                verify: bool) -> tuple[Path, list[str]]:
+    """Download the index of ``repo_id``, then exactly the indexed files ``select(index)``
+    picks (and the card), and verify them."""
     kwargs = dict(repo_type=repo_type, revision=revision, endpoint=endpoint, token=token,
                   cache_dir=cache_dir)
     if out is not None:
         kwargs["local_dir"] = out
+    index = _fetch_index(repo_id, repo_type, kwargs, endpoint)
+    wanted = sorted(set(select(index)))  # all listed in index["files"] (parse_index)
+    # Exact names as patterns (check_relative refused glob characters in them).
+    patterns = ["README.md", INDEX_FILE, *wanted]
     path = Path(_hub_call(lambda: snapshot_download(repo_id, allow_patterns=patterns,
                                                     **kwargs),
-                          repo_id, repo_type, revision))
+                          repo_id, repo_type, revision, endpoint=endpoint))
     got = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                  if p.is_file() and ".cache" not in p.relative_to(path).parts)
-    index = index if index is not None else read_index(path)
-    wanted = [f for f in index.get("files", {}) if any(Path(f).match(p) or f == p
-                                                         for p in patterns)]
-    missing = [f for f in wanted if not (path / f).is_file()]
+    missing = [f for f in wanted if not confined_path(path, f).is_file()]
     if missing:
         raise HubNotFoundError(f"{repo_id} at {revision or 'main'} lacks {missing} listed in its "
                                f"{INDEX_FILE}: the repo was pushed incompletely; push it again.")
@@ -267,7 +381,7 @@ def _pull_repo(repo_id: str, repo_type: str, patterns: list[str], *, out: Path |
         def refetch(name: str) -> Path:
             return Path(_hub_call(lambda: hf_hub_download(repo_id, name, force_download=True,
                                                           **kwargs),
-                                  repo_id, repo_type, revision, name))
+                                  repo_id, repo_type, revision, name, endpoint))
 
         _verify(path, index, wanted, refetch)
     return path, got
@@ -302,35 +416,30 @@ def pull(setting_or_repo: str, what: Sequence[str] = WHAT, *, models: Any = None
     if unknown:
         raise ValueError(f"unknown --what {unknown}; use any of {', '.join(WHAT)}.")
     ds_id, ck_id = resolve_repos(setting_or_repo, org)
+    # The endpoint the downloads use, named in their errors (huggingface_hub would otherwise
+    # take a URL template fixed when it was imported).
+    endpoint = endpoint or hf_constants.ENDPOINT
     out = Path(out) if out is not None else None
     common = dict(revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir,
                   verify=verify)
     files: dict[str, list[str]] = {}
     ds_dir = ck_dir = None
-    patterns = ["README.md", INDEX_FILE]
-    if "data" in what:
-        patterns.append("data/*")
-    if "ground-truth" in what:
-        patterns.append("ground_truth/*")
-    if len(patterns) > 2:
-        ds_dir, files[ds_id] = _pull_repo(ds_id, "dataset", patterns,
-                                          out=out / "dataset" if out else None, index=None,
-                                          **common)
+    prefixes = tuple(p for w, p in (("data", "data/"), ("ground-truth", "ground_truth/"))
+                     if w in what)
+    if prefixes:
+        ds_dir, files[ds_id] = _pull_repo(
+            ds_id, "dataset", lambda index: [f for f in index["files"] if f.startswith(prefixes)],
+            out=out / "dataset" if out else None, **common)
     if "checkpoints" in what:
-        kwargs = dict(repo_type="model", revision=revision, endpoint=endpoint, token=token,
-                      cache_dir=cache_dir)
-        if out is not None:
-            kwargs["local_dir"] = out / "checkpoints"
-        index_path = _hub_call(lambda: hf_hub_download(ck_id, INDEX_FILE, **kwargs),
-                               ck_id, "model", revision, INDEX_FILE)
-        index = json.loads(Path(index_path).read_text())
-        selected = list(kinds) if kinds is not None else list(index.get("kinds", {}))
-        patterns = ["README.md", INDEX_FILE, "config.json"]
-        for kind in selected:
-            patterns += shards_for(index, kind, models if kind in ("lds", "loo") else None)
-        ck_dir, files[ck_id] = _pull_repo(ck_id, "model", sorted(set(patterns)),
-                                          out=out / "checkpoints" if out else None,
-                                          index=index, **common)
+        def checkpoint_files(index: dict[str, Any]) -> list[str]:
+            selected = list(kinds) if kinds is not None else list(index.get("kinds", {}))
+            names = [f for f in ("config.json",) if f in index["files"]]
+            for kind in selected:
+                names += shards_for(index, kind, models if kind in ("lds", "loo") else None)
+            return names
+
+        ck_dir, files[ck_id] = _pull_repo(ck_id, "model", checkpoint_files,
+                                          out=out / "checkpoints" if out else None, **common)
     return PullResult(ds_dir, ck_dir, files)
 
 
@@ -378,7 +487,8 @@ def push_results(results: str | Path | dict[str, Any], repo_id: str, *,
                          "object with 'setting' and 'methods').")
     token = _require_token(token)
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
+    _hub_call(lambda: api.create_repo(repo_id, repo_type=repo_type, exist_ok=True), repo_id,
+              repo_type, None, endpoint=endpoint, hint=_WRITE_HINT)
     run_file = _run_path(results)
     payload = {**results, "format": RESULTS_FORMAT,
                "submitted_at": datetime.now(timezone.utc).isoformat()}
@@ -386,16 +496,18 @@ def push_results(results: str | Path | dict[str, Any], repo_id: str, *,
     cache: dict[str, dict[str, Any]] = {}
     for attempt in range(max_attempts):
         head = _hub_call(lambda: api.repo_info(repo_id, repo_type=repo_type, revision="main"),
-                         repo_id, repo_type, "main").sha
+                         repo_id, repo_type, "main", endpoint=endpoint,
+                         hint=_WRITE_HINT).sha
         names = [f for f in _hub_call(lambda h=head: api.list_repo_files(
-            repo_id, repo_type=repo_type, revision=h), repo_id, repo_type, head)
+            repo_id, repo_type=repo_type, revision=h), repo_id, repo_type, head,
+            endpoint=endpoint, hint=_WRITE_HINT)
             if f.startswith("runs/") and f.endswith(".json")]
         runs = []
         for name in names:
             if name not in cache:
                 local = _hub_call(lambda n=name, h=head: hf_hub_download(
                     repo_id, n, repo_type=repo_type, revision=h, endpoint=endpoint,
-                    token=token), repo_id, repo_type, head, name)
+                    token=token), repo_id, repo_type, head, name, endpoint, _WRITE_HINT)
                 cache[name] = json.loads(Path(local).read_text())
             runs.append((name, cache[name]))
         runs.append((run_file, payload))
