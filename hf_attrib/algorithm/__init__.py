@@ -15,7 +15,11 @@ from hf_attrib.algorithm.rps import RPSAttributor
 from hf_attrib.algorithm.tracin import GradCosAttributor, GradDotAttributor, TracInAttributor
 from hf_attrib.algorithm.trak import TRAKAttributor
 
+#: The type every attributor is (``cache``, ``attribute``, ``self_attribute``).
+Attributor = BaseAttributor
+
 __all__ = [
+    "Attributor",
     "BaseAttributor",
     "FeatureAttributor",
     "GradCosAttributor",

@@ -70,6 +70,7 @@ from hf_attrib.benchmark.text import (
 )
 from hf_attrib.metrics import lds, loo_corr, mislabel_detection_auc
 from hf_attrib.model_utils.retraining import (
+    CorruptBlockError,
     evaluate_stacked,
     load_stacked,
     load_subsets,
@@ -240,7 +241,7 @@ SEARCH: dict[str, list[dict[str, Any]]] = {
     "grad-cos": [{}],
     "rps": [{"l2_strength": s, "normalize_preactivate": nm}
             for s in (10, 1, 1e-1, 1e-2, 1e-3, 1e-4) for nm in (True, False)],
-    "trak": [{"proj_dim": p, "relative_regularization": r}
+    "trak": [{"proj_dim": p, "per_example_regularization": r}
              for p in (512, 2048) for r in (0.0, 1e-2, 1e-1, 1.0)],
 }
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -252,7 +253,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "grad-dot": {},
     "grad-cos": {},
     "rps": {"l2_strength": 1e-3, "normalize_preactivate": True},
-    "trak": {"proj_dim": 512, "relative_regularization": 1e-1},
+    "trak": {"proj_dim": 512, "per_example_regularization": 1e-1},
 }
 
 
@@ -274,8 +275,10 @@ def make_attributor(method: str, task: AttributionTask, fns: dict[str, Callable[
 
     LiSSA's ``scaling`` is set above the largest Hessian eigenvalue is ever likely to be for
     these models (10) with ``damping * scaling`` equal to 1e-3. TRAK's
-    ``relative_regularization`` multiplies ``n_train`` (its kernel sums over examples, while
-    the IF Hessian averages).
+    ``per_example_regularization`` ``r`` damps the averaged kernel, ``Phi^T Phi / n + r I`` on
+    hf_attrib's normalised features (its kernel sums over examples, while the IF Hessian
+    averages); ``TRAKAttributor.regularization`` is on dattri's scale (``lambda D / p`` on
+    those features), hence the conversion ``lambda = r n p / D``.
     """
     hp = dict(DEFAULTS[_family(method)] if params is None else params)
     if method == "if-explicit":
@@ -297,9 +300,10 @@ def make_attributor(method: str, task: AttributionTask, fns: dict[str, Callable[
     if method == "rps":
         return RPSAttributor(task=task, device=device, final_linear_layer_name="classifier", **hp)
     if method.startswith("trak-"):
+        d_model = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+        lam = hp["per_example_regularization"] * n_train * hp["proj_dim"] / d_model
         return TRAKAttributor(task=task, device=device, correct_probability_func=fns.get("prob"),
-                              projector_kwargs={"proj_dim": hp["proj_dim"]},
-                              regularization=hp["relative_regularization"] * n_train)
+                              projector_kwargs={"proj_dim": hp["proj_dim"]}, regularization=lam)
     raise KeyError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}.")
 
 
@@ -498,7 +502,8 @@ def _check_existing(gt_dir: Path, kind: str, n_train: int) -> None:
         return
     try:
         masks, _ = load_subsets(gt_dir, kind)
-    except FileNotFoundError:  # some blocks missing: only the complete ones can be checked
+    except (FileNotFoundError, CorruptBlockError):
+        # Some blocks missing or damaged: the build retrains those, and checks the rest.
         return
     if masks.shape[1] != n_train:
         raise ValueError(
