@@ -67,6 +67,7 @@ def test_every_subpackage_has_a_layer():
     assert tops - {"__init__"} <= set(LAYERS), tops - set(LAYERS) - {"__init__"}
 
 
+@pytest.mark.xfail(strict=True, reason="until the house refactor (issue 12)")
 def test_layers_import_downward_only():
     upward = []
     for path in _files():
@@ -81,6 +82,7 @@ def test_layers_import_downward_only():
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
+@pytest.mark.xfail(strict=True, reason="until the house refactor (issue 12)")
 def test_no_private_names_across_modules():
     crossings = []
     for path in _files():
@@ -103,6 +105,7 @@ def test_no_private_names_across_modules():
     assert not crossings, "private names imported across modules:\n" + "\n".join(crossings)
 
 
+@pytest.mark.xfail(strict=True, reason="until the house refactor (issue 12)")
 def test_no_import_cycles():
     graph: dict[str, set[str]] = {}
     modules = {_module_name(p) for p in _files()}
