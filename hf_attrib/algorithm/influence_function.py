@@ -17,20 +17,29 @@ Solvers: ``IFAttributorExplicit`` (the ``d x d`` Hessian, inverted once), ``IFAt
 (conjugate gradients on all test gradients at once), ``IFAttributorLiSSA`` (stochastic Neumann
 series over random training mini-batches) and ``IFAttributorArnoldi`` (top eigenpairs of
 :math:`H`, then a projection of every gradient onto them).
+
+No NaN or inf leaves them: gradients, solver outputs (a diverging LiSSA recursion stops with
+an estimate of the eigenvalue ``scaling`` must exceed; zero Arnoldi eigenvalues at
+``regularization=0`` are refused) and scores are checked, and a violation raises an error that
+names the option to change. Models with float16/bfloat16 weights are attributed on float32
+copies (see ``float32_functions``): gradients, HVPs and solves run in float32 and the scores
+are float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from hf_attrib.algorithm.base import FeatureAttributor, to_device
+from hf_attrib.algorithm.base import FeatureAttributor, loader_indices, to_device
 from hf_attrib.distributed import gather_rows, shard_range
 from hf_attrib.func.hessian import (
+    _CG_FIX,
     HessianSum,
     _chunked,
     _hvp_operator,
@@ -38,12 +47,14 @@ from hf_attrib.func.hessian import (
     arnoldi_eigen,
     batched_cg,
     block_cg,
+    check_eigenvalues,
+    check_finite_solution,
     hessian_columns,
     linearization_bytes,
     lissa_recursion,
 )
 from hf_attrib.func.projection import Projector
-from hf_attrib.func.utils import batch_size_of
+from hf_attrib.func.utils import batch_size_of, unflatten_params
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
 __all__ = [
@@ -58,6 +69,76 @@ __all__ = [
 _MAX_EXPLICIT_BYTES = 2**30
 # Memory for the per-batch HVP linearisations kept between products (see HessianSum).
 _HESSIAN_CACHE_BYTES = 2**30
+# Parameter dtypes whose curvature is computed on float32 copies: in them an HVP overflows
+# (float16: a NaN column from IF-CG on a small MLP) or loses the solve (bfloat16: IF-CG scores
+# correlated 0.04 with float32's).
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(batch: Any) -> Any:
+    """``batch`` with every half-precision tensor cast to float32 (labels, ids untouched)."""
+    if isinstance(batch, Tensor):
+        return batch.float() if batch.dtype in _HALF else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _upcast(v) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_upcast(v) for v in batch)
+    return batch
+
+
+@contextmanager
+def _buffers_as(model: nn.Module, buffers: Mapping[str, Tensor]) -> Iterator[None]:
+    """Swap the named buffers of ``model`` for ``buffers`` during the block.
+
+    The loss function receives parameters only (a loss adding weight decay over
+    ``params.values()`` must not see buffers), so half-precision buffers such as BatchNorm
+    statistics are replaced on the modules themselves, and put back afterwards.
+    """
+    saved = []
+    try:
+        for name, value in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            saved.append((module, leaf, module._buffers[leaf]))
+            module._buffers[leaf] = value
+        yield
+    finally:
+        for module, leaf, value in reversed(saved):
+            module._buffers[leaf] = value
+
+
+def float32_functions(task: AttributionTask, fns: CheckpointFunctions) -> CheckpointFunctions:
+    """``fns`` computed in float32 when the model holds half-precision weights, else ``fns``.
+
+    The selected parameters (``theta``), the other parameters and the floating buffers are
+    copied to float32 and half-precision tensors of every batch are cast to float32 inside the
+    call, so per-example gradients, HVPs and solves all run in float32 and the scores come
+    out in float32. Costs one float32 copy of the model's weights while attributing.
+
+    Must be called while checkpoint ``fns.index`` is the one loaded in ``task.model`` (right
+    after ``task.functions``): the other parameters are read from the model.
+    """
+    model = task.model
+    half = fns.theta.dtype in _HALF or any(p.dtype in _HALF for p in model.parameters())
+    if not half:
+        return fns
+    layout = {n: t.detach().float() for n, t in fns.layout.items()}
+    fixed = {n: p.detach().float() if p.is_floating_point() else p.detach()
+             for n, p in model.named_parameters() if n not in layout}
+    buffers = {n: b.float() for n, b in model.named_buffers() if b.dtype in _HALF}
+
+    def bind(func: Callable[[dict[str, Tensor], Any], Tensor]) -> Callable[[Tensor, Any], Tensor]:
+        def flat(theta: Tensor, batch: Any) -> Tensor:
+            with _buffers_as(model, buffers):
+                out = func({**fixed, **unflatten_params(theta, layout)}, _upcast(batch))
+            return out.float()
+
+        return flat
+
+    loss = bind(task.loss_func)
+    target = loss if fns.target_is_loss else bind(task.target_func)
+    theta = torch.cat([t.reshape(-1) for t in layout.values()])
+    return CheckpointFunctions(fns.index, theta, layout, loss, target, fns.target_is_loss)
 
 
 class _IFBase(FeatureAttributor):
@@ -80,7 +161,7 @@ class _IFBase(FeatureAttributor):
     test_kind = "target"
 
     def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
-                 device: torch.device | str = "cpu", regularization: float = 0.0,
+                 device: torch.device | str | None = None, regularization: float = 0.0,
                  mode: str = "rev-rev", rhs_chunk_size: int = 256,
                  hessian_cache_bytes: int = _HESSIAN_CACHE_BYTES, **kwargs: Any) -> None:
         super().__init__(task, layer_name, device, **kwargs)
@@ -90,6 +171,46 @@ class _IFBase(FeatureAttributor):
         self.mode = mode
         self.rhs_chunk_size = rhs_chunk_size
         self.hessian_cache_bytes = hessian_cache_bytes
+        self._float32: dict[int, CheckpointFunctions] = {}
+
+    # -- float32 curvature and finite results ------------------------------------------------
+    def _f32(self, fns: CheckpointFunctions) -> CheckpointFunctions:
+        """The float32 view of ``fns`` (``fns`` itself for a float32/float64 model; a half
+        model's float32 copy is built once per checkpoint per ``cache``)."""
+        if fns.index in self._float32:
+            return self._float32[fns.index]
+        converted = float32_functions(self.task, fns)
+        if converted is not fns:  # holds copies, not views of the loaded checkpoint: keep it
+            self._float32[fns.index] = converted
+        return converted
+
+    def cache(self, train_loader: DataLoader) -> None:
+        self._float32.clear()
+        super().cache(train_loader)
+
+    def _features(self, fns: CheckpointFunctions, batch: Any, kind: str, offset: int,
+                  role: str) -> Tensor:
+        return super()._features(self._f32(fns), batch, kind, offset, role)
+
+    def attribute(self, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
+        return self._check_scores(super().attribute(train_loader, test_loader), "attribute")
+
+    def self_attribute(self, train_loader: DataLoader) -> Tensor:
+        return self._check_scores(super().self_attribute(train_loader), "self_attribute")
+
+    def _check_scores(self, scores: Tensor, call: str) -> Tensor:
+        """Raise instead of returning NaN/inf scores. Gradients and solves are checked on the
+        way; this catches the rest, such as an inner product that overflows."""
+        if bool(torch.isfinite(scores.sum())) or bool(torch.isfinite(scores).all()):
+            return scores
+        bad = ~torch.isfinite(scores)
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise FloatingPointError(
+            f"{type(self).__name__}.{call} produced {int(bad.sum())} NaN/inf score(s) (first at "
+            f"index {first[0] if len(first) == 1 else first}) from finite gradients: the "
+            "inverse-HVPs or their inner products overflowed. Raise regularization (damping "
+            "for LiSSA) so that H + regularization * I is well conditioned."
+        )
 
     def _weight(self, fns: CheckpointFunctions) -> float:
         return -1.0 / (self._n_cache * self.task.num_checkpoints)
@@ -104,8 +225,13 @@ class _IFBase(FeatureAttributor):
     def _hessian_matvec(self, fns: CheckpointFunctions) -> HessianSum:
         """``V [k, d] -> H V`` for the training-set Hessian, linearisations kept in budget."""
         budget = self.hessian_cache_bytes // self.task.num_checkpoints  # shared by checkpoints
+        fns = self._f32(fns)
         return HessianSum(fns.loss, fns.theta, self._hessian_batches(), self.mode, budget,
                           self.rhs_chunk_size, merge_batches=True)
+
+
+_HESSIAN_FIX = ("Check the loss and the weights of that checkpoint (a loss with log(0) or an "
+                "overflow gives NaN curvature).")
 
 
 class IFAttributorExplicit(_IFBase):
@@ -117,19 +243,20 @@ class IFAttributorExplicit(_IFBase):
     Args:
         task: the attribution task.
         layer_name: parameters to attribute through.
-        device: where to compute.
+        device: where to compute (``None``: the model's device).
         regularization: :math:`\\lambda` added to the Hessian's diagonal.
         max_hessian_bytes: refuse Hessians larger than this (float64 bytes).
     """
 
     def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
-                 device: torch.device | str = "cpu", regularization: float = 0.0,
+                 device: torch.device | str | None = None, regularization: float = 0.0,
                  max_hessian_bytes: int = _MAX_EXPLICIT_BYTES, **kwargs: Any) -> None:
         super().__init__(task, layer_name, device, regularization, **kwargs)
         self.max_hessian_bytes = max_hessian_bytes
 
     def _prepare(self, fns: CheckpointFunctions, loader: DataLoader,
                  features: Tensor | None) -> Tensor:
+        fns = self._f32(fns)
         d = fns.dim
         if d * d * 8 > self.max_hessian_bytes:
             raise MemoryError(
@@ -143,10 +270,20 @@ class IFAttributorExplicit(_IFBase):
         own_columns = hessian_columns(self._hessian_matvec(fns), d, own, self.rhs_chunk_size,
                                       fns.theta.dtype, self.device)
         hessian = gather_rows(own_columns, torch.arange(own.start, own.stop), d)
+        check_finite_solution(hessian, "IFAttributorExplicit's Hessian", _HESSIAN_FIX)
         hessian = (hessian + hessian.T) / 2  # symmetric up to round-off
         if self.regularization > 0:
             hessian += self.regularization * torch.eye(d, dtype=torch.float64, device=self.device)
-            return torch.linalg.inv(hessian)
+            try:
+                inverse = torch.linalg.inv(hessian)
+            except torch.linalg.LinAlgError as err:
+                raise ValueError(
+                    f"H + regularization * I is singular at regularization="
+                    f"{self.regularization:g} (a negative Hessian eigenvalue cancels it): pass "
+                    "another regularization."
+                ) from err
+            return check_finite_solution(inverse, "IFAttributorExplicit's inverse",
+                                         "Pass a larger regularization.")
         # Unregularised Hessians are often singular (softmax cross-entropy is invariant to a
         # shift shared by all classes): invert on the range, as the gradients live there.
         return torch.linalg.pinv(hessian, hermitian=True)
@@ -177,7 +314,8 @@ class IFAttributorCG(_IFBase):
     """
 
     def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
-                 device: torch.device | str = "cpu", max_iter: int = 10, tol: float = 1e-7,
+                 device: torch.device | str | None = None, max_iter: int = 10,
+                 tol: float = 1e-7,
                  regularization: float = 0.0, mode: str = "rev-rev", block: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(task, layer_name, device, regularization, mode, **kwargs)
@@ -193,7 +331,8 @@ class IFAttributorCG(_IFBase):
 
     def _transform_test(self, fns: CheckpointFunctions, state: Any, feats: Tensor) -> Tensor:
         solver = block_cg if self.block else batched_cg
-        return solver(state, feats, max_iter=self.max_iter, tol=self.tol)
+        out = solver(state, feats, max_iter=self.max_iter, tol=self.tol)
+        return check_finite_solution(out, "IFAttributorCG's CG solve", _CG_FIX)
 
 
 class IFAttributorLiSSA(_IFBase):
@@ -213,7 +352,8 @@ class IFAttributorLiSSA(_IFBase):
     """
 
     def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
-                 device: torch.device | str = "cpu", batch_size: int = 50, num_repeat: int = 1,
+                 device: torch.device | str | None = None, batch_size: int = 50,
+                 num_repeat: int = 1,
                  recursion_depth: int = 500, damping: float = 0.0, scaling: float = 50.0,
                  mode: str = "rev-rev", seed: int = 0, **kwargs: Any) -> None:
         super().__init__(task, layer_name, device, 0.0, mode, **kwargs)
@@ -231,11 +371,11 @@ class IFAttributorLiSSA(_IFBase):
         if dataset is None or not hasattr(dataset, "__getitem__"):
             raise TypeError("IFAttributorLiSSA samples training mini-batches by index: the "
                             "cache loader needs a map-style dataset (loader.dataset[i]).")
-        sampler = getattr(loader, "sampler", None)
-        indices = list(sampler) if sampler is not None else list(range(len(dataset)))
+        indices = loader_indices(loader)  # the examples the loader yields, in order
         return dataset, indices, loader.collate_fn
 
     def _transform_test(self, fns: CheckpointFunctions, state: Any, feats: Tensor) -> Tensor:
+        fns = self._f32(fns)
         dataset, indices, collate = state
         gen = torch.Generator().manual_seed(self.seed)
         size = min(self.batch_size, len(indices))
@@ -285,7 +425,8 @@ class IFAttributorArnoldi(_IFBase):
     """
 
     def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
-                 device: torch.device | str = "cpu", proj_dim: int = 100, max_iter: int = 200,
+                 device: torch.device | str | None = None, proj_dim: int = 100,
+                 max_iter: int = 200,
                  norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0,
                  mode: str = "rev-rev", seed: int = 0, **kwargs: Any) -> None:
         super().__init__(task, layer_name, device, regularization, mode, **kwargs)
@@ -303,13 +444,16 @@ class IFAttributorArnoldi(_IFBase):
 
     def _projector(self, fns: CheckpointFunctions) -> Projector:
         if fns.index not in self._projectors:
+            fns = self._f32(fns)
             matvec = self._hessian_matvec(fns)
             evals, evecs = arnoldi_eigen(
                 lambda v: matvec(v) / self.norm_constant, fns.dim, max_iter=self.max_iter,
                 top_k=self.proj_dim, tol=self.tol, seed=self.seed, dtype=fns.theta.dtype,
                 device=self.device,
             )
-            self._eigen[fns.index] = (evals * self.norm_constant, evecs)
+            evals = evals * self.norm_constant
+            check_eigenvalues(evals, self.regularization, "proj_dim")
+            self._eigen[fns.index] = (evals, evecs)
             self._projectors[fns.index] = _EigenProjector(evecs)
         return self._projectors[fns.index]
 

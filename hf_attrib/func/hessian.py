@@ -24,6 +24,7 @@ right-hand sides are solved together (one vectorised HVP per iteration), never o
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ __all__ = [
     "arnoldi_eigen",
     "batched_cg",
     "block_cg",
+    "check_eigenvalues",
+    "check_finite_solution",
     "hessian_columns",
     "hvp",
     "hvp_at_x",
@@ -354,6 +357,79 @@ def _regularized(matvec: MatVec, regularization: float) -> MatVec:
 
 
 # --------------------------------------------------------------------------------------------
+# No NaN or inf leaves a solver
+# --------------------------------------------------------------------------------------------
+# An eigenvalue (plus regularization) counts as zero below this many ulps of the largest one:
+# HVPs in float32 resolve eigenvalues down to ~1e-6 of the top one, and a Krylov run returns
+# a null direction as an eigenvalue of that size, whose inverse is round-off, not curvature.
+_ZERO_EIGEN_ULPS = 1000
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to two significant digits (a readable option value)."""
+    if not math.isfinite(value) or value <= 0:
+        return value
+    scale = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return math.ceil(value / scale) * scale
+
+
+def check_finite_solution(out: Tensor, solver: str, fix: str) -> Tensor:
+    """Return ``out`` (rows = right-hand sides) if every entry is finite, else raise.
+
+    Raises:
+        FloatingPointError: naming ``solver``, the first bad row and ``fix``.
+    """
+    if bool(torch.isfinite(out.sum())):  # one reduction; exact test only when it fails
+        return out
+    rows = out.reshape(out.shape[0], -1) if out.dim() > 1 else out.reshape(1, -1)
+    bad = ~torch.isfinite(rows).all(dim=1)
+    if not bool(bad.any()):
+        return out  # the sum overflowed, the entries are finite
+    raise FloatingPointError(
+        f"{solver} returned NaN/inf for {int(bad.sum())} of {rows.shape[0]} right-hand "
+        f"side(s) (first: row {int(bad.nonzero()[0, 0])}). {fix}"
+    )
+
+
+def check_eigenvalues(evals: Tensor, regularization: float, keep_option: str) -> None:
+    """Refuse eigenvalues (after adding ``regularization``) that are zero or not finite.
+
+    Dividing by them would return inf, or round-off amplified beyond any meaning.
+
+    Args:
+        evals: the kept eigenvalues.
+        regularization: the value added to each before inverting.
+        keep_option: the option that sets how many are kept (``top_k``, ``proj_dim``).
+
+    Raises:
+        FloatingPointError: an eigenvalue is NaN/inf.
+        ValueError: ``k`` of them are zero, naming ``regularization`` and ``keep_option``.
+    """
+    if evals.numel() == 0:
+        return
+    if not bool(torch.isfinite(evals).all()):
+        raise FloatingPointError(
+            "the Hessian eigenvalues are NaN/inf: the Hessian-vector products overflowed. Check "
+            "the loss and the weights (half-precision models overflow; use float32)."
+        )
+    values = evals.double()
+    top = float(values.abs().max())
+    cutoff = _ZERO_EIGEN_ULPS * torch.finfo(evals.dtype).eps * top
+    zero = (values + regularization).abs() <= cutoff
+    count = int(zero.sum())
+    if count:
+        suggestion = _round_up(1e-3 * top) if top > 0 else 1e-3
+        raise ValueError(
+            f"{count} of the {values.numel()} Hessian eigenvalues kept are zero after adding "
+            f"regularization={regularization:g} (|eigenvalue + regularization| <= {cutoff:.2g}, "
+            f"round-off next to the top eigenvalue {top:.3g}), so (H + regularization * I)^-1 "
+            f"is infinite along them. Pass regularization > 0 (e.g. regularization="
+            f"{suggestion:g}, 1e-3 x the top eigenvalue), or keep fewer eigenpairs "
+            f"({keep_option} <= {values.numel() - count})."
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # HVP
 # --------------------------------------------------------------------------------------------
 def hvp(
@@ -398,11 +474,23 @@ def hvp_at_x(
 # --------------------------------------------------------------------------------------------
 # Explicit
 # --------------------------------------------------------------------------------------------
+_EXPLICIT_FIX = ("H + regularization * I is (nearly) singular or the Hessian is not finite: pass "
+                 "regularization > 0, and check the loss and weights.")
+
+
 def _solve_explicit(hessian: Tensor, vb: Tensor, regularization: float) -> Tensor:
     d = hessian.shape[0]
     system = hessian + regularization * torch.eye(d, dtype=hessian.dtype, device=hessian.device)
     # The Hessian is symmetric, so solve in float64 for stability and return in v's dtype.
-    return torch.linalg.solve(system.double(), vb.double().T).T.to(vb.dtype)
+    try:
+        out = torch.linalg.solve(system.double(), vb.double().T).T
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(
+            f"H + regularization * I is singular at regularization={regularization:g} (the "
+            "Hessian has zero eigenvalues, e.g. from a softmax's shift invariance): pass "
+            "regularization > 0."
+        ) from err
+    return check_finite_solution(out, "the explicit inverse-HVP", _EXPLICIT_FIX).to(vb.dtype)
 
 
 def ihvp_explicit(
@@ -422,6 +510,8 @@ def ihvp_at_x_explicit(
     """IHVP at fixed inputs: the Hessian is built and kept once."""
     objective, theta = _flat_objective(func, x, argnums)
     hessian = torch.func.hessian(objective)(theta)
+    check_finite_solution(hessian, "the Hessian", "Check the loss and the weights at these "
+                          "inputs (half-precision models overflow; use float32).")
     shape = x[argnums].shape
 
     def ihvp_at_x_func(v: Tensor) -> Tensor:
@@ -594,6 +684,11 @@ def block_cg(matvec: MatVec, b: Tensor, max_iter: int = 10, tol: float = 1e-7,
     return x
 
 
+_CG_FIX = ("The Hessian-vector products overflowed or are NaN: check the loss and the weights "
+          "(half-precision HVPs overflow; use float32), and pass regularization > 0 when "
+          "H is singular or indefinite.")
+
+
 def ihvp_cg(
     func: Callable[..., Tensor],
     argnums: int = 0,
@@ -639,7 +734,8 @@ def ihvp_at_x_cg(
 
     def ihvp_at_x_func(v: Tensor) -> Tensor:
         vb, restore = _as_batch(v, shape)
-        return restore(solver(op, vb.to(theta.dtype), max_iter=max_iter, tol=tol))
+        out = solver(op, vb.to(theta.dtype), max_iter=max_iter, tol=tol)
+        return restore(check_finite_solution(out, "CG", _CG_FIX))
 
     return ihvp_at_x_func
 
@@ -647,6 +743,16 @@ def ihvp_at_x_cg(
 # --------------------------------------------------------------------------------------------
 # LiSSA
 # --------------------------------------------------------------------------------------------
+# A convergent recursion (every mini-batch Hessian with eigenvalues in [0, (2 - damping) *
+# scaling]) keeps ||h_t|| <= min(t + 1, 1 / damping) * ||v||. The iterate is stopped once it
+# exceeds that bound by this factor (slack for mini-batch noise), long before it overflows.
+_LISSA_SLACK = 10.0
+# Power iterations (per sampled mini-batch, _LISSA_PROBE_BATCHES of them) behind the eigenvalue
+# estimate printed when LiSSA diverges: ~100 mini-batch HVPs, a fraction of one recursion.
+_POWER_ITERS = 15
+_LISSA_PROBE_BATCHES = 3
+
+
 def lissa_recursion(
     sample_matvec: Callable[[int], MatVec],
     v: Tensor,
@@ -663,24 +769,127 @@ def lissa_recursion(
     ``num_repeat`` runs. It converges when :math:`\|H\| / s < 1`; choose ``scaling`` above the
     largest Hessian eigenvalue.
 
+    Divergence is caught as it happens: once an iterate is NaN/inf, or its norm exceeds
+    ``10 * min(t + 1, 1 / damping) * ||v||`` (a convergent recursion stays below a tenth of
+    that), a ``FloatingPointError`` stops the run. Its message gives power-iteration estimates
+    of the mini-batch Hessians' largest and most negative eigenvalues and the ``scaling`` (and
+    ``damping``) that would converge.
+
     Args:
         sample_matvec: ``step -> (V [k, d] -> H_batch V)``; each product is consumed before
             the next call, so a sampler may write them all into one buffer.
         v: right-hand sides ``[k, d]``.
+        recursion_depth: steps per recursion.
+        num_repeat: independent recursions averaged.
+        damping: see above.
+        scaling: see above.
+
+    Raises:
+        FloatingPointError: the recursion diverges (``scaling`` below the largest eigenvalue,
+            or negative curvature that ``damping`` does not offset).
     """
     if scaling <= 0:
         raise ValueError("LiSSA scaling must be positive (and above the top Hessian eigenvalue).")
+    v_norm = torch.linalg.vector_norm(v, dim=1)
     estimate = torch.zeros_like(v)
     step = 0
-    for _ in range(num_repeat):
+    for repeat in range(num_repeat):
         h = v.clone()
-        for _ in range(recursion_depth):
+        for t in range(recursion_depth):
             # in place (see batched_cg): only the HVP allocates
             hv = sample_matvec(step)(h)
             h.mul_(1.0 - damping).add_(v).sub_(hv, alpha=1.0 / scaling)
             step += 1
+            limit = _LISSA_SLACK * (t + 2 if damping <= 0 else min(t + 2, 1.0 / damping))
+            norms = torch.linalg.vector_norm(h, dim=1)
+            if not bool((norms <= limit * v_norm).all()):  # False for NaN too
+                raise _lissa_divergence(sample_matvec, v, norms / v_norm.clamp_min(1e-30),
+                                        limit, t, repeat, recursion_depth, damping, scaling)
         estimate.add_(h, alpha=1.0 / scaling)
     return estimate.div_(num_repeat)
+
+
+def _power_iteration(matvec: MatVec, start: Tensor, shift: float = 0.0,
+                     iters: int = _POWER_ITERS) -> float:
+    """Rayleigh-quotient estimate of the largest-magnitude eigenvalue of ``A - shift * I``."""
+    q = start / torch.linalg.vector_norm(start)
+    value = float("nan")
+    for _ in range(iters):
+        w = matvec(q[None])[0] - shift * q
+        value = float(q @ w)
+        norm = torch.linalg.vector_norm(w)
+        if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+            break
+        q = w / norm
+    return value
+
+
+def _extreme_eigenvalues(matvec: MatVec, start: Tensor) -> tuple[float, float]:
+    """Estimates ``(largest, smallest)`` eigenvalue of a symmetric operator: power iteration
+    finds the one of largest magnitude, a second one shifted by it finds the other end."""
+    dominant = _power_iteration(matvec, start)
+    other = _power_iteration(matvec, start, shift=dominant) + dominant
+    return max(dominant, other), min(dominant, other)
+
+
+def _lissa_divergence(sample_matvec: Callable[[int], MatVec], v: Tensor, growth: Tensor,
+                      limit: float, t: int, repeat: int, recursion_depth: int,
+                      damping: float, scaling: float) -> FloatingPointError:
+    """The error raised when the LiSSA recursion diverges, with eigenvalue estimates."""
+    finite = torch.isfinite(growth)
+    if bool(finite.all()):
+        row = int(growth.argmax())
+        what = (f"its norm reached {float(growth[row]):.3g} x |v| (right-hand side {row}), "
+                f"above the {limit:.3g} x |v| a convergent recursion stays under")
+    else:
+        row = int((~finite).nonzero()[0, 0])
+        what = f"it became NaN/inf (right-hand side {row})"
+    gen = torch.Generator().manual_seed(0)
+    top, bottom = -math.inf, math.inf
+    for b in range(_LISSA_PROBE_BATCHES):
+        start = torch.randn(v.shape[1], generator=gen, dtype=torch.float64)
+        high, low = _extreme_eigenvalues(sample_matvec(-1 - b), start.to(v))
+        top, bottom = max(top, high), min(bottom, low)
+    head = (f"LiSSA diverged at recursion step {t + 1} of {recursion_depth} (repeat "
+            f"{repeat + 1}): {what}. ")
+    if not (math.isfinite(top) and math.isfinite(bottom)):
+        return FloatingPointError(
+            head + "The Hessian-vector products themselves are NaN/inf: check the loss and the "
+            "model's weights (a half-precision model overflows; use float32).")
+    new_scaling = _round_up(1.5 * max(top, scaling))
+    text = (head + f"The recursion converges only when scaling ({scaling:g}) exceeds the largest "
+            f"eigenvalue of the mini-batch Hessians, estimated at {top:.4g} by "
+            f"{_POWER_ITERS} power iterations; pass scaling={new_scaling:g} or more")
+    if bottom < 0 and damping * new_scaling <= -bottom:
+        new_damping = _round_up(1.5 * -bottom / new_scaling)
+        text += (f". The Hessian also has negative curvature (eigenvalue about {bottom:.3g}), "
+                 f"which only damping offsets: pass damping={new_damping:g} or more (so that "
+                 "damping * scaling exceeds its magnitude; LiSSA then solves "
+                 "H + damping * scaling * I)")
+    return FloatingPointError(text + ".")
+
+
+def _lissa_in_dims(x: Sequence[Any], argnums: int,
+                   in_dims: Sequence[int | None] | None) -> list[int | None]:
+    """The dimension sampled in each argument (``None``: shared by every step), checked.
+
+    Default: dimension 0 of every tensor argument but ``argnums`` that has one.
+    """
+    if in_dims is None:
+        return [0 if i != argnums and isinstance(a, Tensor) and a.dim() > 0 else None
+                for i, a in enumerate(x)]
+    dims = list(in_dims)
+    if len(dims) != len(x):
+        raise ValueError(f"in_dims has {len(dims)} entries but there are {len(x)} arguments; "
+                         "give one per argument (None for an argument not sampled).")
+    if dims[argnums] is not None:
+        raise ValueError(f"in_dims[{argnums}] must be None: argument argnums={argnums} is the "
+                         "one differentiated, not data to sample mini-batches from.")
+    for i, (a, dim) in enumerate(zip(x, dims, strict=True)):
+        if dim is not None and not (isinstance(a, Tensor) and -a.dim() <= dim < a.dim()):
+            raise ValueError(f"in_dims[{i}]={dim} is not a dimension of argument {i}; pass "
+                             "None for arguments that are not sampled.")
+    return dims
 
 
 def _lissa_batch_sampler(
@@ -691,25 +900,35 @@ def _lissa_batch_sampler(
     mode: str,
     collate_fn: Callable[..., Any] | None,
     seed: int,
+    in_dims: Sequence[int | None] | None = None,
 ) -> Callable[[int], MatVec]:
-    """Sample ``batch_size`` rows of every data argument (all but ``argnums``) per step."""
-    data_pos = [i for i in range(len(x)) if i != argnums]
-    sizes = {x[i].shape[0] for i in data_pos if isinstance(x[i], Tensor) and x[i].dim() > 0}
-    if len(sizes) != 1:
+    """Sample ``batch_size`` entries (without replacement) along ``in_dims`` per step."""
+    dims = _lissa_in_dims(x, argnums, in_dims)
+    sizes = {i: x[i].shape[d] for i, d in enumerate(dims) if d is not None}
+    if in_dims is None and not sizes:
         raise ValueError(
             "ihvp_lissa samples mini-batches from the data arguments (every argument but "
-            "argnums), which must be tensors sharing their first (batch) dimension."
+            "argnums), which must be tensors sharing their first (batch) dimension; pass "
+            "in_dims=(...) to choose the dimension of each (None: not sampled)."
         )
-    (n,) = sizes
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            "the sampled arguments have different sizes along their in_dims dimension "
+            f"({', '.join(f'argument {i}: {n}' for i, n in sizes.items())}); they must "
+            "index the same examples."
+        )
+    n = next(iter(sizes.values()), 0)
     gen = torch.Generator().manual_seed(seed)
 
     def sample_matvec(_: int) -> MatVec:
-        idx = torch.randperm(n, generator=gen)[:batch_size]  # without replacement
         call = list(x)
-        for i in data_pos:
-            call[i] = x[i][idx.to(x[i].device)]
+        if n:
+            idx = torch.randperm(n, generator=gen)[:batch_size]
+            for i, d in enumerate(dims):
+                if d is not None:
+                    call[i] = x[i].index_select(d, idx.to(x[i].device))
         if collate_fn is not None:
-            call = list(collate_fn(*call))
+            call = list(collate_fn(tuple(call)))  # dattri's form: the sampled tuple
         objective, theta = _flat_objective(func, call, argnums)
         return _hvp_operator(objective, theta, mode)
 
@@ -727,21 +946,29 @@ def ihvp_lissa(
     collate_fn: Callable[..., Any] | None = None,
     mode: str = "rev-rev",
     seed: int = 0,
-) -> Callable[[Sequence[Any], Tensor], Tensor]:
+) -> Callable[..., Tensor]:
     """IHVP by LiSSA (Agarwal et al., 2017); see ``lissa_recursion`` for the estimator.
 
-    The arguments of ``func`` other than ``argnums`` are data with a leading batch dimension;
-    each recursion step uses ``batch_size`` rows sampled from them (``collate_fn`` may rebuild
-    the argument tuple from the sampled rows). The result approximates
-    ``(H + damping * scaling * I)^{-1} v``.
+    The call forms are dattri's: ``ihvp_lissa(func, ...)(x, v, in_dims=None)``. Each recursion
+    step samples ``batch_size`` entries, without replacement, along dimension ``in_dims[i]``
+    of every argument ``x[i]`` (``None``: the argument is shared, not sampled; ``in_dims``
+    defaults to dimension 0 of every tensor argument but ``argnums``), and
+    ``collate_fn(sampled_tuple)`` may rebuild the argument tuple from them. The result
+    approximates ``(H + damping * scaling * I)^{-1} v``.
+
+    Differences from dattri: the mini-batch sequence is seeded (``seed``) and shared by the
+    right-hand sides (dattri draws an unseeded sequence per right-hand side), and a single
+    ``v`` keeps its shape (dattri returns ``[1, d]``). Divergence raises a
+    ``FloatingPointError`` instead of returning NaN or huge values (see ``lissa_recursion``).
     """
     _check_mode(mode)
 
-    def ihvp_func(x: Sequence[Any], v: Tensor) -> Tensor:
+    def ihvp_func(x: Sequence[Any], v: Tensor,
+                  in_dims: Sequence[int | None] | None = None) -> Tensor:
         return ihvp_at_x_lissa(
-            func, *x, argnums=argnums, batch_size=batch_size, num_repeat=num_repeat,
-            recursion_depth=recursion_depth, damping=damping, scaling=scaling,
-            collate_fn=collate_fn, mode=mode, seed=seed,
+            func, *x, in_dims=in_dims, argnums=argnums, batch_size=batch_size,
+            num_repeat=num_repeat, recursion_depth=recursion_depth, damping=damping,
+            scaling=scaling, collate_fn=collate_fn, mode=mode, seed=seed,
         )(v)
 
     return ihvp_func
@@ -750,6 +977,7 @@ def ihvp_lissa(
 def ihvp_at_x_lissa(
     func: Callable[..., Tensor],
     *x: Any,
+    in_dims: Sequence[int | None] | None = None,
     argnums: int = 0,
     batch_size: int = 1,
     num_repeat: int = 1,
@@ -760,13 +988,18 @@ def ihvp_at_x_lissa(
     mode: str = "rev-rev",
     seed: int = 0,
 ) -> Callable[[Tensor], Tensor]:
-    """LiSSA IHVP at fixed inputs. Every call replays the same mini-batch sequence (``seed``)."""
+    """LiSSA IHVP at fixed inputs (``in_dims`` and ``collate_fn`` as in ``ihvp_lissa``).
+
+    Every call replays the same mini-batch sequence (``seed``).
+    """
     _check_mode(mode)
     shape = x[argnums].shape
+    _lissa_in_dims(x, argnums, in_dims)  # fail at construction, not at the first call
 
     def ihvp_at_x_func(v: Tensor) -> Tensor:
         vb, restore = _as_batch(v, shape)
-        sampler = _lissa_batch_sampler(func, x, argnums, batch_size, mode, collate_fn, seed)
+        sampler = _lissa_batch_sampler(func, x, argnums, batch_size, mode, collate_fn, seed,
+                                       in_dims)
         out = lissa_recursion(sampler, vb.to(x[argnums].dtype), recursion_depth, num_repeat,
                               damping, scaling)
         return restore(out)
@@ -893,6 +1126,7 @@ def ihvp_at_x_arnoldi(
         tol=tol, seed=seed, dtype=theta.dtype, device=theta.device,
     )
     evals = evals * norm_constant
+    check_eigenvalues(evals, regularization, "top_k")
     shape = x[argnums].shape
 
     def ihvp_at_x_func(v: Tensor) -> Tensor:

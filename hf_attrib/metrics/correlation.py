@@ -15,7 +15,7 @@ from torch import Tensor
 
 from hf_attrib.metrics.bootstrap import bootstrap_mean_ci, check_level
 from hf_attrib.metrics.result import MetricResult
-from hf_attrib.metrics.stats import pearson, spearman
+from hf_attrib.metrics.stats import correlation_pvalue, pearson, spearman
 
 __all__ = ["lds", "loo_corr", "subset_mask"]
 
@@ -100,13 +100,15 @@ def subset_mask(subsets: Tensor, n_train: int) -> Tensor:
     return counts.scatter_add_(1, subsets.long(), torch.ones_like(subsets, dtype=torch.float64))
 
 
-def _result(per_example: Tensor, ci: float | None, n_boot: int, seed: int) -> MetricResult:
+def _result(per_example: Tensor, n_obs: int, ci: float | None, n_boot: int,
+            seed: int) -> MetricResult:
     per_example = per_example.cpu()
     mean = float(per_example.nanmean()) if per_example.numel() else float("nan")
     interval = None
     if ci is not None:
         interval = bootstrap_mean_ci(per_example, check_level(ci), n_boot=n_boot, seed=seed)
-    return MetricResult(per_example=per_example, mean=mean, ci=interval)
+    return MetricResult(per_example=per_example, mean=mean, ci=interval,
+                        pvalue=correlation_pvalue(per_example, n_obs))
 
 
 def lds(
@@ -136,8 +138,9 @@ def lds(
         seed: seed of the bootstrap resampling.
 
     Returns:
-        A :class:`MetricResult` with per-test-example correlations (NaN where a column is
-        constant), their ``nanmean`` and the optional interval.
+        A :class:`MetricResult`: per-test-example correlations (NaN where a column is
+        constant), their ``nanmean``, the optional interval and the p-values. It unpacks as
+        dattri's ``(correlations, p-values)``: ``lds_corr, lds_pval = lds(score, gt)``.
     """
     score = _as_score(score)
     n_train, n_test = score.shape
@@ -152,7 +155,7 @@ def lds(
     if counts.shape[0] < 2:
         raise ValueError(f"LDS needs at least 2 retrained models, got {counts.shape[0]}.")
     predicted = counts @ score  # [m, n_test]
-    return _result(spearman(predicted, target_values), ci, n_boot, seed)
+    return _result(spearman(predicted, target_values), counts.shape[0], ci, n_boot, seed)
 
 
 def loo_corr(
@@ -184,8 +187,9 @@ def loo_corr(
         seed: seed of the bootstrap resampling.
 
     Returns:
-        A :class:`MetricResult` with per-test-example correlations (NaN where a column is
-        constant), their ``nanmean`` and the optional interval.
+        A :class:`MetricResult`: per-test-example correlations (NaN where a column is
+        constant), their ``nanmean``, the optional interval and the p-values. It unpacks as
+        dattri's ``(correlations, p-values)``: ``corr, pval = loo_corr(score, gt)``.
     """
     score = _as_score(score)
     n_train, n_test = score.shape
@@ -219,4 +223,4 @@ def loo_corr(
             )
         effect = full + effect
     predicted = score[removed.to(score.device).long()]
-    return _result(pearson(predicted, effect), ci, n_boot, seed)
+    return _result(pearson(predicted, effect), removed.numel(), ci, n_boot, seed)

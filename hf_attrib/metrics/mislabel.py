@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from hf_attrib.metrics.bootstrap import check_level, percentile_interval
+from hf_attrib.metrics.result import AUCResult
 from hf_attrib.metrics.stats import rankdata
 
-__all__ = ["mislabel_detection_auc", "mislabel_detection_curve"]
+__all__ = ["mislabel_detection_auc", "mislabel_detection_curve", "roc_curve"]
 
 
 def _prepare(
@@ -32,6 +33,8 @@ def _prepare(
     if torch.isnan(score).any():
         raise ValueError("self_score contains NaN.")
     noisy = torch.as_tensor(noisy).detach().cpu()
+    if _is_mask(noisy, n):  # dattri's form: a 0/1 tensor, one entry per example
+        noisy = noisy.bool()
     if noisy.dtype == torch.bool:
         if noisy.shape != (n,):
             raise ValueError(
@@ -44,7 +47,8 @@ def _prepare(
             noisy = noisy.long()
         if noisy.is_floating_point() or noisy.dim() > 1:
             raise ValueError(
-                "noisy must be a boolean mask or a 1-D list/tensor of integer training indices."
+                "noisy must be a boolean or 0/1 mask with one entry per training example, or a "
+                "1-D list/tensor of integer training indices."
             )
         noisy = noisy.reshape(-1).long()
         if noisy.numel() and (int(noisy.min()) < 0 or int(noisy.max()) >= n):
@@ -59,6 +63,38 @@ def _prepare(
             "examples."
         )
     return score, mask
+
+
+def _is_mask(noisy: Tensor, n: int) -> bool:
+    """Whether ``noisy`` is a 0/1 mask over the ``n`` examples rather than a list of indices.
+
+    A float tensor always is (indices are integers); an integer one when it has ``n > 2``
+    entries, all 0 or 1 (as indices they would repeat, which no list of noisy examples does).
+    """
+    if noisy.dtype == torch.bool or noisy.dim() != 1 or noisy.numel() == 0:
+        return False
+    binary = bool(((noisy == 0) | (noisy == 1)).all())
+    if noisy.is_floating_point():
+        return binary and noisy.numel() == n
+    return binary and noisy.numel() == n and n > 2
+
+
+def roc_curve(score: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The ROC curve of ``score`` against the boolean ``mask``, as ``sklearn.metrics.roc_curve``
+    with ``drop_intermediate=False``: one point per distinct score, highest first, after
+    ``(0, 0)`` at threshold ``inf``. Ties form one diagonal step, so the trapezoidal area under
+    the curve is the average-rank AUC."""
+    order = torch.sort(score, descending=True, stable=True).indices
+    sorted_score, hits = score[order], mask[order].to(torch.float64)
+    last_of_group = torch.ones_like(sorted_score, dtype=torch.bool)
+    last_of_group[:-1] = sorted_score[1:] != sorted_score[:-1]
+    tps = torch.cumsum(hits, 0)[last_of_group]
+    fps = torch.cumsum(1 - hits, 0)[last_of_group]
+    zero = torch.zeros(1, dtype=torch.float64)
+    fpr = torch.cat([zero, fps / fps[-1]])
+    tpr = torch.cat([zero, tps / tps[-1]])
+    inf = torch.full((1,), float("inf"), dtype=torch.float64)
+    return fpr, tpr, torch.cat([inf, sorted_score[last_of_group]])
 
 
 def _auc_columns(pos: Tensor, neg: Tensor) -> Tensor:
@@ -84,7 +120,7 @@ def mislabel_detection_auc(
     ci: None = None,
     n_boot: int = 1000,
     seed: int = 0,
-) -> float: ...
+) -> AUCResult: ...
 
 
 @overload
@@ -107,7 +143,7 @@ def mislabel_detection_auc(
     ci: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
-) -> float | tuple[float, tuple[float, float]]:
+) -> AUCResult | tuple[float, tuple[float, float]]:
     """ROC AUC of detecting mislabeled training examples by their self-influence.
 
     A higher ``self_score`` means "more likely mislabeled". The AUC is the Mann-Whitney U
@@ -115,8 +151,8 @@ def mislabel_detection_auc(
 
     Args:
         self_score: ``[n_train]`` self-influence (or any suspiciousness) scores.
-        noisy: the mislabeled examples, as a list/tensor of indices or a boolean
-            ``[n_train]`` mask.
+        noisy: the mislabeled examples, as a list/tensor of indices or a boolean or 0/1
+            ``[n_train]`` mask (dattri's ``ground_truth``).
         n_train: optional number of training examples, checked against ``self_score``.
         ci: confidence level (e.g. ``0.95``) of a percentile-bootstrap interval, resampling
             noisy and clean examples separately; ``None`` for no interval.
@@ -124,13 +160,16 @@ def mislabel_detection_auc(
         seed: seed of the bootstrap resampling.
 
     Returns:
-        The AUC, or ``(auc, (low, high))`` when ``ci`` is given.
+        The AUC, or ``(auc, (low, high))`` when ``ci`` is given. Without ``ci`` the AUC is an
+        :class:`AUCResult`: a float that also unpacks as dattri's return value,
+        ``auc, (fpr, tpr, thresholds) = mislabel_detection_auc(score, noise_mask)`` (the ROC
+        curve in ``sklearn.metrics.roc_curve``'s form, see :func:`roc_curve`).
     """
     score, mask = _prepare(self_score, noisy, n_train)
     pos, neg = score[mask], score[~mask]
     auc = float(_auc_columns(pos[:, None], neg[:, None])[0])
     if ci is None:
-        return auc
+        return AUCResult(auc, roc_curve(score, mask))
     level = check_level(ci)
     if n_boot < 1:
         raise ValueError(f"n_boot must be a positive number of resamples, got {n_boot}.")
