@@ -72,4 +72,39 @@ def test_shakespeare_nanogpt_smoke(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("music21") is None, reason="pip install music21")
 def test_maestro_music_transformer_smoke(tmp_path):
-    _run("maestro-musictransformer", tmp_path / "out", "grad-cos,trak-1")
+    from safetensors import safe_open
+
+    from hf_attrib.benchmark.settings import get_setting, smoke_setting
+
+    setting = smoke_setting(get_setting("maestro-musictransformer"))
+    out = tmp_path / "out"
+    results = _run("maestro-musictransformer", out, "grad-cos,trak-1")
+    assert results["setting"] == setting.name == "maestro_musictransformer"
+    assert results["smoke"] is True and results["search"] is False
+    # The test set: one generated continuation of each of n_test test-split prompts.
+    assert (results["n_train"], results["n_test"]) == (setting.n_train, setting.n_test)
+    assert setting.n_test == 12
+    # Every method asked for has a row (a dropped method would leave _run's loop empty) with
+    # an LDS (a mean of Spearman correlations) and only the setting's metric: LDS.
+    assert setting.metrics == ("lds",) and results["loo_examples"] == 0
+    assert [row["method"] for row in results["methods"]] == ["grad-cos", "trak-1"]
+    for row in results["methods"]:
+        assert -1.0 <= row["lds"] <= 1.0, row
+        assert "loo" not in row and "auc" not in row, row
+        assert row["seconds"] > 0 and row["trials"], row
+    markdown = (out / "results.md").read_text()
+    assert f"n_train={setting.n_train}, n_test={setting.n_test}, smoke" in markdown
+    assert all(f"| {m} | {row['lds']:.3f} |" in markdown
+               for m, row in zip(("grad-cos", "trak-1"), results["methods"], strict=True))
+    assert (out / "results.png").stat().st_size > 0
+    # Ground truth: the setting's LDS models, each trained on a half of the n_train examples.
+    blocks = sorted((out / "ground_truth" / "lds").glob("block-*.safetensors"))
+    assert blocks
+    models = 0
+    for block in blocks:
+        with safe_open(block, "pt") as f:
+            meta = f.metadata()
+            assert meta["kind"] == "lds" and int(meta["n_train"]) == setting.n_train
+            models += int(meta["num_models"])
+            assert f.get_slice("__subset_indices__").get_shape()[1] == setting.n_train // 2
+    assert models == setting.lds_models

@@ -1,14 +1,16 @@
 """Wall time of attributors in one process vs N processes (gloo on CPU, NCCL on GPUs).
 
-    python recipes/speed/bench_distributed.py                 # 1 vs 2 CPU processes
-    python recipes/speed/bench_distributed.py --nproc 4 --device cuda
+    python recipes/speed/run.py distributed                 # 1 vs 2 CPU processes
+    python recipes/speed/run.py distributed --nproc 4 --device cuda
 
 Each configuration runs in fresh processes (``torchrun`` for N > 1); every process uses
 ``--threads`` intra-op threads, so "1 process x 1 thread" vs "2 processes x 1 thread" is the
 fair comparison of the sharding itself, and "1 process x 2 threads" shows what the same cores
 give without it. Every method first runs untimed on 8 examples (one-off warm-up costs). The problem: the digits MLP (17,226 parameters), ``--n-train`` training and
-``--n-test`` test examples. Prints a Markdown table; the scores of every run are checked
-against the 1-process run.
+``--n-test`` test examples. The attributors come from the method registry
+(``make_attributor``) with the options of ``OPTIONS``. Writes
+``results/distributed-mlp-digits-<device>-<N>proc-<date>.md``; the scores of every run are
+checked against the 1-process run.
 """
 
 from __future__ import annotations
@@ -21,24 +23,34 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-METHODS = ("trak", "tracin", "grad-cos", "if-cg", "if-explicit-fc3")
+from report import Result
+
+DESCRIPTION = ("wall time of TRAK, TracIn, Grad-Cos, IF-CG and IF-explicit (cache + attribute "
+               "+ self_attribute) in 1 process vs N processes (torchrun: gloo on CPU, NCCL on "
+               "GPUs) and in 1 process with N x the threads; checks that the scores agree")
+# row -> (registry method, options); TRAK also gets the correct-class probability.
+PROJECTION = {"proj_dim": 512}
+OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "trak": ("trak", {"projector_kwargs": PROJECTION}),
+    "tracin": ("tracin", {"weight_list": [0.1], "projector_kwargs": PROJECTION}),
+    "grad-cos": ("grad-cos", {"projector_kwargs": PROJECTION}),
+    "if-cg": ("if-cg", {"max_iter": 10, "regularization": 0.01}),
+    "if-explicit-fc3": ("if-explicit", {"layer_name": "fc3", "regularization": 0.01}),
+}
+METHODS = tuple(OPTIONS)
 
 
 def _worker(args: argparse.Namespace) -> None:
+    """One process of a configuration: time every method, save its scores (main process)."""
     import torch
     from safetensors.torch import save_file
     from sklearn.datasets import load_digits
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from hf_attrib.algorithm import (
-        GradCosAttributor,
-        IFAttributorCG,
-        IFAttributorExplicit,
-        TracInAttributor,
-        TRAKAttributor,
-    )
+    from hf_attrib.algorithm.registry import make_attributor
     from hf_attrib.distributed import close_process_group, is_main_process
     from hf_attrib.task import AttributionTask
 
@@ -76,30 +88,26 @@ def _worker(args: argparse.Namespace) -> None:
         return torch.softmax(logits, -1).gather(1, yb[:, None]).mean()
 
     ckpts = [model.state_dict()]
-    task = AttributionTask(loss, model, ckpts)
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=ckpts)
     train = DataLoader(TensorDataset(x[: args.n_train], y[: args.n_train]), batch_size=100)
     test = DataLoader(TensorDataset(x[args.n_train:n], y[args.n_train:n]), batch_size=50)
-    proj = {"proj_dim": 512}
-    make = {
-        "trak": lambda: TRAKAttributor(task, correct_probability_func=prob,
-                                       projector_kwargs=proj, device=device),
-        "tracin": lambda: TracInAttributor(task, weight_list=[0.1], projector_kwargs=proj,
-                                           device=device),
-        "grad-cos": lambda: GradCosAttributor(task, projector_kwargs=proj, device=device),
-        "if-cg": lambda: IFAttributorCG(task, max_iter=10, regularization=0.01, device=device),
-        "if-explicit-fc3": lambda: IFAttributorExplicit(task, layer_name="fc3",
-                                                        regularization=0.01, device=device),
-    }
+
+    def make(row: str) -> Any:
+        method, options = OPTIONS[row]
+        if method == "trak":
+            options = {**options, "correct_probability_func": prob}
+        return make_attributor(method, task, device=device, **options)
+
     # One-off costs (torch.func set-up, first kernels, thread pools) are paid by whichever
     # method runs first: pay them untimed on a few examples of every method.
     few = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=4)
     for method in args.methods:
-        warm = make[method]()
+        warm = make(method)
         warm.cache(few)
         warm.attribute(few, few)
     tensors, times = {}, {}
     for method in args.methods:
-        attributor = make[method]()
+        attributor = make(method)
         start = time.perf_counter()
         attributor.cache(train)
         tensors[f"{method}/scores"] = attributor.attribute(train, test).cpu()
@@ -108,7 +116,7 @@ def _worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         times[method] = time.perf_counter() - start
     if is_main_process():
-        save_file(tensors, args.out, metadata={k: f"{v:.4f}" for k, v in times.items()})
+        save_file(tensors, args._scores, metadata={k: f"{v:.4f}" for k, v in times.items()})
     close_process_group()
 
 
@@ -119,7 +127,7 @@ def _free_port() -> int:
 
 
 def _launch(nproc: int, threads: int, args: argparse.Namespace, out: Path) -> float:
-    worker = [__file__, "--_worker", "--out", str(out), "--threads", str(threads),
+    worker = [__file__, "--_worker", "--_scores", str(out), "--threads", str(threads),
               "--n-train", str(args.n_train), "--n-test", str(args.n_test),
               "--device", args.device, "--methods", *args.methods]
     cmd = ([sys.executable, *worker] if nproc == 1 else
@@ -131,20 +139,23 @@ def _launch(nproc: int, threads: int, args: argparse.Namespace, out: Path) -> fl
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``run.py distributed``."""
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None)
     parser.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--_scores", help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    """Time every configuration in fresh processes; one ``Result`` (none in a worker)."""
     if args._worker:
         _worker(args)
-        return
+        return []
 
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -167,18 +178,30 @@ def main() -> None:
                       for k in ref)
             rows.append((nproc, threads, wall, times, err))
     base = rows[0][3]
-    print(f"digits MLP (17,226 parameters), n_train={args.n_train}, n_test={args.n_test}, "
-          f"device={args.device}; seconds of cache+attribute+self_attribute per method "
-          "(process start-up excluded), speed-up vs 1 process x "
-          f"{args.threads} thread(s)\n")
-    print("| processes x threads | " + " | ".join(args.methods) + " | total (s) | speed-up "
-          "| process wall incl. start-up (s) | max rel. diff vs 1 process |")
-    print("|---" * (len(args.methods) + 5) + "|")
+    lines = [
+        f"digits MLP (17,226 parameters), n_train={args.n_train}, n_test={args.n_test}, "
+        f"device={args.device}; seconds of cache+attribute+self_attribute per method "
+        "(process start-up excluded), speed-up vs 1 process x "
+        f"{args.threads} thread(s)",
+        "",
+        "| processes x threads | " + " | ".join(args.methods) + " | total (s) | speed-up "
+        "| process wall incl. start-up (s) | max rel. diff vs 1 process |",
+        "|---" * (len(args.methods) + 5) + "|",
+    ]
     for nproc, threads, wall, times, err in rows:
         total = sum(times.values())
-        print(f"| {nproc} x {threads} | " + " | ".join(f"{times[m]:.2f}" for m in args.methods)
-              + f" | {total:.2f} | {sum(base.values()) / total:.2f}x | {wall:.1f} | {err:.1e} |")
+        lines.append(f"| {nproc} x {threads} | "
+                     + " | ".join(f"{times[m]:.2f}" for m in args.methods)
+                     + f" | {total:.2f} | {sum(base.values()) / total:.2f}x | {wall:.1f} "
+                     f"| {err:.1e} |")
+    body = "\n".join(lines)
+    print(body)
+    backend = "NCCL" if args.device == "cuda" else "gloo"
+    return [Result(f"distributed-mlp-digits-{args.device}-{args.nproc}proc",
+                   f"1 vs {args.nproc} {args.device.upper()} processes ({backend})", body)]
 
 
 if __name__ == "__main__":
-    main()
+    from run import run_as_script
+
+    sys.exit(run_as_script("distributed"))

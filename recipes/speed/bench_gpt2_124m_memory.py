@@ -8,18 +8,18 @@ through its last two transformer blocks (``layers="last:2"``, 14.2M parameters) 
 Python process, whose peak resident set size (``ru_maxrss``: imports, model, checkpoints,
 gradients, projection tables, everything) is reported with its wall time. Target: < 8 GB.
 
-    python recipes/speed/bench_gpt2_124m_memory.py                  # defaults, a few minutes
-    python recipes/speed/bench_gpt2_124m_memory.py --n-train 64 --seq-len 128
+    python recipes/speed/run.py gpt2-memory                  # defaults, a few minutes
+    python recipes/speed/run.py gpt2-memory --n-train 64 --seq-len 128
 
 Numbers depend on the machine and on what else runs on it: on a shared machine, wall times
-are upper bounds; peak memory is per process and not affected by other processes.
+are upper bounds; peak memory is per process and not affected by other processes. Writes
+``results/gpt2-124m-memory-<date>.md`` (+ ``.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE.parents[1]) not in sys.path and (HERE.parents[1] / "hf_attrib").is_dir():
-    sys.path.insert(0, str(HERE.parents[1]))
+from report import Result
 
-METHODS = ("trak", "grad-cos", "tracin")
+DESCRIPTION = ("peak RSS and time of TRAK, Grad-Cos and TracInCP on a GPT-2-small-sized model "
+               "(124M parameters, random weights), last two blocks attributed, on CPU")
+METHODS = ("trak", "grad-cos", "tracin")  # registry names, built by task.attributor(name)
 
 
 def _peak_gb() -> float:
@@ -61,6 +61,7 @@ def _prepare(workdir: Path, seed: int) -> None:
 
 
 def _child(args: argparse.Namespace) -> None:
+    """One method in a fresh process: print its timings and peak RSS as a JSON line."""
     import torch
     from datasets import Dataset
 
@@ -99,8 +100,8 @@ def _child(args: argparse.Namespace) -> None:
                       "rss_after_load_gb": rss_loaded, "peak_gb": _peak_gb()}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``run.py gpt2-memory``."""
     parser.add_argument("--n-train", type=int, default=32)
     parser.add_argument("--n-test", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -108,13 +109,15 @@ def main() -> None:
     parser.add_argument("--proj-dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    """Run every method in its own process; one ``Result`` (none in a child)."""
     if args.child:
         _child(args)
-        return
+        return []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         _prepare(Path(tmp), seed=0)
@@ -136,10 +139,10 @@ def main() -> None:
             print(f"{method}: {row['peak_gb']:.2f} GiB peak, {row['attribute_s']:.1f} s",
                   file=sys.stderr, flush=True)
     lines = [
-        f"GPT-2 small (GPT2Config(), random weights), CPU ({args.threads} threads, "
-        f"{platform.processor() or platform.machine()}), layers='last:2', "
-        f"{args.n_train} train x {args.n_test} test sequences of {args.seq_len} tokens, "
-        f"batch {args.batch_size}; TRAK proj_dim={args.proj_dim}, TracInCP over 2 checkpoints.",
+        f"GPT-2 small (GPT2Config(), random weights), CPU ({args.threads} threads), "
+        f"layers='last:2', {args.n_train} train x {args.n_test} test sequences of "
+        f"{args.seq_len} tokens, batch {args.batch_size}; TRAK proj_dim={args.proj_dim}, "
+        "TracInCP over 2 checkpoints.",
         "",
         "| method | params (selected) | peak RSS (GiB) | RSS after load (GiB) | load (s) "
         "| attribute (s) | process (s) |",
@@ -152,14 +155,14 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['params'] / 1e6:.1f}M ({r['selected'] / 1e6:.1f}M) "
                      f"| {r['peak_gb']:.2f} | {r['rss_after_load_gb']:.2f} | {r['load_s']:.1f} "
                      f"| {r['attribute_s']:.1f} | {r['process_s']:.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpt2_124m_memory.md").write_text(table + "\n")
-    (out / "gpt2_124m_memory.json").write_text(json.dumps({"args": vars(args), "rows": rows},
-                                                          indent=2))
+    body = "\n".join(lines)
+    print(body)
+    options = {k: v for k, v in vars(args).items() if k not in ("child", "workdir", "out")}
+    return [Result("gpt2-124m-memory", "GPT-2 small (124M): peak memory and time on CPU", body,
+                   {"args": {**options, "out": str(args.out)}, "rows": rows})]
 
 
 if __name__ == "__main__":
-    main()
+    from run import run_as_script
+
+    sys.exit(run_as_script("gpt2-memory"))

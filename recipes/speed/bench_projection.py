@@ -11,34 +11,34 @@ dimension ``p``, projects ``n`` random gradient-like vectors ``[n, d] -> [n, p]`
 * ``|Px|^2/|x|^2``: mean and spread of the squared-norm ratio over the ``n`` vectors, a sanity
   check that the map is a JL map (should be ~1 +- sqrt(2/p)).
 
-    python recipes/speed/bench_projection.py                      # d in {1e5, 2e6}, p in {512, 2048}
-    python recipes/speed/bench_projection.py --dims 100000 --proj-dims 512 --kinds sparse
+    python recipes/speed/run.py projection          # d in {1e5, 2e6}, p in {512, 2048}
+    python recipes/speed/run.py projection --dims 100000 --proj-dims 512 --kinds sparse
+
+Writes ``results/projection-<date>.md`` (+ ``.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import torch
+from report import Result
 
-HERE = Path(__file__).resolve().parent
-# Measure the hf_attrib of this checkout, whatever an editable install elsewhere points to.
-if (HERE.parents[1] / "hf_attrib").is_dir():
-    sys.path.insert(0, str(HERE.parents[1]))
-
-from hf_attrib.func.projection import make_projector  # noqa: E402
-
+DESCRIPTION = ("hf_attrib's random projectors (normal, rademacher, sparse) on the CPU: first "
+               "and steady call times and the JL norm ratio, for d in {1e5, 2e6}, p in "
+               "{512, 2048}, n = 32")
 KINDS = ("normal", "rademacher", "sparse")
 
 
 def bench_one(kind: str, d: int, p: int, n: int, repeat: int, budget_s: float,
               seed: int = 0) -> dict:
+    """Time one projector kind on ``n`` random ``[d]`` vectors projected to ``p``."""
+    import torch
+
+    from hf_attrib.func.projection import make_projector
+
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen)
     t0 = time.perf_counter()
@@ -70,8 +70,8 @@ def _fmt(seconds: float | None) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``run.py projection``."""
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--dims", nargs="+", type=int, default=[100_000, 2_000_000])
     parser.add_argument("--proj-dims", nargs="+", type=int, default=[512, 2048])
@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=30.0,
                         help="stop repeating a configuration once it has used this many seconds")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    """Time every (d, p, kind); one ``Result``."""
+    import torch
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -98,18 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row['norm_ratio_sd']:.3f} |")
                 lines.append(line)
                 print(line, flush=True)
-    table = "\n".join(lines)
-    cmdline = " ".join([Path(sys.executable).as_posix(), *sys.argv])
-    text = (f"# hf_attrib projector timings (CPU)\n\nCommand: `{cmdline}`  \n"
-            f"Date: {_dt.datetime.now().isoformat(timespec='seconds')}; torch {torch.__version__}"
-            f", {args.threads} threads\n\n{table}\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "projection.md").write_text(text)
-    (args.out / "projection.json").write_text(json.dumps(
-        {"command": cmdline, "threads": args.threads, "results": rows}, indent=1))
-    print(f"\n[projection] wrote {args.out / 'projection.md'} and projection.json")
-    return 0
+    body = f"Threads: {args.threads}\n\n" + "\n".join(lines)
+    return [Result("projection", "hf_attrib projector timings (CPU)", body,
+                   {"threads": args.threads, "results": rows})]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from run import run_as_script
+
+    sys.exit(run_as_script("projection"))

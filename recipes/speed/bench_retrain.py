@@ -11,36 +11,34 @@ logistic regression, 50 for the MLP 64-128-64-10 with dropout 0.1) in three ways
 * retrain(): the resumable driver (blocks of ``--block-size``, default 10), including writing
   the safetensors blocks.
 
-It prints the wall times, the speed-ups, and checks that stacked and sequential models agree
+It reports the wall times, the speed-ups, and checks that stacked and sequential models agree
 (exactly up to float rounding for the dropout-free LR; by test accuracy for the MLP, whose
-dropout masks differ).
+dropout masks differ). Writes ``results/retrain-digits-<date>.md``.
 
-    python recipes/speed/bench_retrain.py                 # both models, 1 thread
-    python recipes/speed/bench_retrain.py --models 20 --threads 2 --only lr --loss lse
+    python recipes/speed/run.py retrain                 # both models, 1 thread
+    python recipes/speed/run.py retrain --models 20 --threads 2 --only lr --loss lse
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 import time
+from typing import Any
 
-import torch
-from sklearn.datasets import load_digits
-from torch import nn
+from report import Result
 
-from hf_attrib.model_utils.retraining import (
-    RetrainBuild,
-    batch_orders,
-    evaluate_stacked,
-    lds_subsets,
-    retrain,
-    train_stacked,
-)
+DESCRIPTION = ("stacked retraining (vmap over models) against one plain PyTorch loop per model "
+               "and the resumable retrain() driver: 100 LDS models on digits")
 
 
-def make_model(name: str) -> nn.Module:
+def make_model(name: str) -> Any:
+    """The logistic regression (``lr``) or the MLP with dropout (``mlp``), seed 0."""
+    import torch
+    from torch import nn
+
     torch.manual_seed(0)
     if name == "lr":
         return nn.Linear(64, 10)
@@ -51,20 +49,24 @@ def make_model(name: str) -> nn.Module:
     )
 
 
-def lse_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def lse_cross_entropy(logits: Any, y: Any) -> Any:
     """Cross entropy as ``logsumexp - correct logit``: the same value as ``F.cross_entropy``,
     but it avoids torch's CPU ``log_softmax`` kernel, which is slow for many short rows
     (10 classes); that kernel dominates the stacked step."""
     return (logits.logsumexp(-1) - logits.gather(-1, y[:, None])[:, 0]).mean()
 
 
-LOSSES = {"ce": nn.functional.cross_entropy, "lse": lse_cross_entropy}
+LOSSES = ("ce", "lse")  # F.cross_entropy; the same loss via logsumexp
 
 
-def sequential(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: torch.Tensor,
-               epochs: int, batch_size: int, criterion) -> dict[str, torch.Tensor]:
+def sequential(model: Any, x: Any, y: Any, masks: Any, epochs: int, batch_size: int,
+               criterion: Any) -> dict[str, Any]:
     """One plain PyTorch training loop per model, same init and batch order as stacked."""
-    out: dict[str, list[torch.Tensor]] = {}
+    import torch
+
+    from hf_attrib.model_utils.retraining import batch_orders
+
+    out: dict[str, list[Any]] = {}
     for m in range(masks.shape[0]):
         order = batch_orders(masks[m:m + 1], epochs=epochs, stream_ids=[m])[0]
         net = copy.deepcopy(model).train()
@@ -80,10 +82,21 @@ def sequential(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: torch.
     return {name: torch.stack(ps) for name, ps in out.items()}
 
 
-def bench(name: str, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
-          num_models: int, epochs: int, loss: str, block_size: int) -> None:
+def bench(name: str, x: Any, y: Any, xt: Any, yt: Any, num_models: int, epochs: int,
+          loss: str, block_size: int) -> list[str]:
+    """Time the three ways for one model; the report's lines."""
+    import torch
+
+    from hf_attrib.model_utils.retraining import (
+        RetrainBuild,
+        evaluate_stacked,
+        lds_subsets,
+        retrain,
+        train_stacked,
+    )
+
     model = make_model(name)
-    criterion = LOSSES[loss]
+    criterion = torch.nn.functional.cross_entropy if loss == "ce" else lse_cross_entropy
 
     def loss_fn(params, xb, yb):
         return criterion(torch.func.functional_call(model, params, xb), yb)
@@ -113,40 +126,57 @@ def bench(name: str, x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: tor
     acc_stack = evaluate_stacked(model, stacked, xt, yt, accuracy).mean().item()
     diff = max((seq[k] - stacked[k]).abs().max().item() for k in seq)
     steps = -(-int(masks[0].sum()) // 64) * epochs
-    print(f"[{name}, loss={loss}] {num_models} models x {epochs} epochs x {steps // epochs} "
-          f"steps/epoch ({sum(p.numel() for p in model.parameters())} params each)")
-    print(f"  {'sequential (plain torch loop per model):':41s} {t_seq:8.2f} s")
-    print(f"  {f'stacked (train_stacked, M={num_models}):':41s} {t_stack:8.2f} s   "
-          f"speed-up {t_seq / t_stack:5.1f}x")
-    print(f"  {f'retrain() blocks of {block_size} (+ writing):':41s} {t_blocks:8.2f} s   "
-          f"speed-up {t_seq / t_blocks:5.1f}x")
-    print(f"  mean test accuracy: sequential {acc_seq:.4f}, stacked {acc_stack:.4f}; "
-          f"max |param diff| {diff:.2e}" + (" (dropout masks differ)" if name == "mlp" else ""))
+    lines = [
+        f"[{name}, loss={loss}] {num_models} models x {epochs} epochs x {steps // epochs} "
+        f"steps/epoch ({sum(p.numel() for p in model.parameters())} params each)",
+        f"  {'sequential (plain torch loop per model):':41s} {t_seq:8.2f} s",
+        f"  {f'stacked (train_stacked, M={num_models}):':41s} {t_stack:8.2f} s   "
+        f"speed-up {t_seq / t_stack:5.1f}x",
+        f"  {f'retrain() blocks of {block_size} (+ writing):':41s} {t_blocks:8.2f} s   "
+        f"speed-up {t_seq / t_blocks:5.1f}x",
+        f"  mean test accuracy: sequential {acc_seq:.4f}, stacked {acc_stack:.4f}; "
+        f"max |param diff| {diff:.2e}" + (" (dropout masks differ)" if name == "mlp" else ""),
+    ]
+    print("\n".join(lines), flush=True)
+    return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``run.py retrain``."""
     parser.add_argument("--models", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", choices=["lr", "mlp"], default=None)
     parser.add_argument("--lr-epochs", type=int, default=20)
     parser.add_argument("--mlp-epochs", type=int, default=50)
-    parser.add_argument("--loss", choices=sorted(LOSSES), default="lse",
+    parser.add_argument("--loss", choices=LOSSES, default="lse",
                         help="ce: F.cross_entropy; lse: the same loss via logsumexp")
     parser.add_argument("--block-size", type=int, default=10, help="retrain() block size")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> list[Result]:
+    """Benchmark the selected models; one ``Result``."""
+    import torch
+    from sklearn.datasets import load_digits
+
     torch.set_num_threads(args.threads)
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
     x, xt, y, yt = x[:1000], x[1000:], y[:1000], y[1000:]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"n_train={x.shape[0]}, n_test={xt.shape[0]}")
+    lines = [f"{torch.get_num_threads()} thread(s), n_train={x.shape[0]}, "
+             f"n_test={xt.shape[0]}", ""]
+    print(lines[0])
     if args.only in (None, "lr"):
-        bench("lr", x, y, xt, yt, args.models, args.lr_epochs, args.loss, args.block_size)
+        lines += bench("lr", x, y, xt, yt, args.models, args.lr_epochs, args.loss,
+                       args.block_size)
     if args.only in (None, "mlp"):
-        bench("mlp", x, y, xt, yt, args.models, args.mlp_epochs, args.loss, args.block_size)
+        lines += bench("mlp", x, y, xt, yt, args.models, args.mlp_epochs, args.loss,
+                       args.block_size)
+    body = "```\n" + "\n".join(lines) + "\n```"
+    return [Result("retrain-digits", "Stacked retraining against one loop per model", body)]
 
 
 if __name__ == "__main__":
-    main()
+    from run import run_as_script
+
+    sys.exit(run_as_script("retrain"))
