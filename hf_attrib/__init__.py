@@ -40,6 +40,7 @@ _SUBMOD_ATTRS: dict[str, list[str]] = {
     "hf_attrib.model_utils": ["activate_dropout"],
     "hf_attrib.func": ["random_project"],
     "hf_attrib.integrations": ["TracInCheckpointCallback", "task_from_pretrained"],
+    "hf_attrib.loaders": ["SubsetSampler"],
 }
 
 _NAME_TO_MODULE = {name: mod for mod, names in _SUBMOD_ATTRS.items() for name in names}
@@ -56,6 +57,7 @@ __all__ = [
     "IFAttributorExplicit",
     "IFAttributorLiSSA",
     "RPSAttributor",
+    "SubsetSampler",
     "TRAKAttributor",
     "TracInAttributor",
     "TracInCheckpointCallback",
@@ -97,6 +99,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     )
     from hf_attrib.func import random_project
     from hf_attrib.integrations import TracInCheckpointCallback, task_from_pretrained
+    from hf_attrib.loaders import SubsetSampler
     from hf_attrib.metrics import lds, loo_corr, mislabel_detection_auc
     from hf_attrib.model_utils import activate_dropout
     from hf_attrib.task import AttributionTask

@@ -34,17 +34,29 @@ def _bench_list(_: argparse.Namespace) -> int:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    from hf_attrib.benchmark.runner import check_writable, results_markdown, run_benchmark
+    from hf_attrib.benchmark.runner import (
+        check_writable,
+        ensemble_models_needed,
+        results_markdown,
+        run_benchmark,
+    )
     from hf_attrib.benchmark.settings import get_setting
 
     setting = get_setting(args.setting)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     out = args.out or f"bench-out/{setting.name}"
     check_writable(out, "--out")  # before any training, in the option's name
+    pulled = None
+    if args.from_hub is not None:
+        from hf_attrib.hub.benchmark import pull_benchmark
+
+        # Pull (or read) the repos here: the benchmark layer never talks to the Hub.
+        pulled = pull_benchmark(args.from_hub, ensemble_models=ensemble_models_needed(
+            setting, methods, smoke=args.smoke))
     results = run_benchmark(setting, methods=methods, out_dir=out, device=args.device,
                             smoke=args.smoke, data_dir=args.data_dir,
                             loo_examples=args.loo_examples, search=args.search,
-                            progress=not args.no_progress, from_hub=args.from_hub)
+                            progress=not args.no_progress, pulled=pulled)
     print(results_markdown(results))
     print(f"results written to {out}/results.json and {out}/results.md")
     return 0

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from hf_attrib.func.utils import flatten_params, per_sample_grad, unflatten_params
 
-__all__ = ["AttributionTask", "CheckpointFunctions", "load_state_dict_file",
+__all__ = ["AttributionTask", "CheckpointFunctions", "check_state_dict", "load_state_dict_file",
            "use_eager_attention"]
 
 Checkpoint = Mapping[str, Tensor] | str | os.PathLike
@@ -76,8 +76,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     return load_file(path)
 
 
-def _check_state_dict(model: nn.Module, state: Mapping[str, Tensor], label: str) -> None:
-    """Raise a ValueError naming every missing/unexpected key and shape mismatch."""
+def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], label: str) -> None:
+    """Check that ``state`` fits ``model``; tied weights may be stored once.
+
+    Args:
+        model: the model the state is for.
+        state: a state dict.
+        label: how the message names the state (``"checkpoint 3"``).
+
+    Raises:
+        ValueError: naming every missing/unexpected key and shape mismatch.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     # Tied weights (e.g. a language-model head sharing the embedding) are stored once.
@@ -253,7 +262,7 @@ class AttributionTask:
             if isinstance(ckpt, (str, os.PathLike)) and not Path(ckpt).exists():
                 raise FileNotFoundError(f"checkpoint {i} ({ckpt}) does not exist.")
             if isinstance(ckpt, Mapping) and checkpoints_load_func is None:
-                _check_state_dict(model, ckpt, f"checkpoint {i}")
+                check_state_dict(model, ckpt, f"checkpoint {i}")
         self._loaded: int | None = None
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -275,7 +284,7 @@ class AttributionTask:
                 self.model = model
         else:
             state = ckpt if isinstance(ckpt, Mapping) else load_state_dict_file(ckpt)
-            _check_state_dict(self.model, state, f"checkpoint {index}")
+            check_state_dict(self.model, state, f"checkpoint {index}")
             self.model.load_state_dict(state, strict=False)
         self._loaded = index
         return self.model
@@ -378,31 +387,3 @@ class AttributionTask:
         target = loss if self.target_is_loss else bind(self.target_func)
         return CheckpointFunctions(index, flatten_params(layout), layout, loss, target,
                                    self.target_is_loss)
-
-    # dattri-style accessors -------------------------------------------------------------
-    def get_param(self, index: int = 0, layer_name: str | Sequence[str] | None = None
-                  ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``(theta, layout)``: the flat selected parameters of checkpoint ``index``."""
-        fns = self.functions(index, layer_name)
-        return fns.theta, fns.layout
-
-    def get_loss_func(self, index: int = 0, layer_name: str | Sequence[str] | None = None):
-        """``loss(theta, batch)`` on the flat parameters of checkpoint ``index``."""
-        return self.functions(index, layer_name).loss
-
-    def get_target_func(self, index: int = 0, layer_name: str | Sequence[str] | None = None):
-        """``target(theta, batch)`` on the flat parameters of checkpoint ``index``."""
-        return self.functions(index, layer_name).target
-
-    def get_grad_loss_func(self, index: int = 0, layer_name: str | Sequence[str] | None = None,
-                           chunk_size: int | None = None) -> Callable[[Any], Tensor]:
-        """``batch -> [B, d]`` per-example loss gradients at checkpoint ``index``."""
-        fns = self.functions(index, layer_name)
-        return lambda batch: fns.loss_grads(batch, chunk_size)
-
-    def get_grad_target_func(self, index: int = 0,
-                             layer_name: str | Sequence[str] | None = None,
-                             chunk_size: int | None = None) -> Callable[[Any], Tensor]:
-        """``batch -> [B, d]`` per-example target gradients at checkpoint ``index``."""
-        fns = self.functions(index, layer_name)
-        return lambda batch: fns.target_grads(batch, chunk_size)

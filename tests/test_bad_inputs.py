@@ -32,10 +32,10 @@ from hf_attrib.algorithm import (
     IFAttributorExplicit,
     TracInAttributor,
 )
-from hf_attrib.algorithm.base import BaseAttributor, FeatureAttributor, loader_indices
-from hf_attrib.benchmark.utils import SubsetSampler
+from hf_attrib.algorithm.base import BaseAttributor, FeatureAttributor
 from hf_attrib.func import projection
 from hf_attrib.func.projection import fast_jl_available, make_projector
+from hf_attrib.loaders import SubsetSampler, loader_indices
 from hf_attrib.task import AttributionTask
 
 N_TRAIN = 10
@@ -157,6 +157,24 @@ def test_subset_sampler_and_plain_batches_are_accepted(problem):
         attributor = GradDotAttributor(task=task)
         torch.testing.assert_close(attributor.attribute(train, test), reference,
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_loader_checks_live_in_hf_attrib_loaders(problem):
+    """The fix a refused loader is offered is importable from the low layer it names, and the
+    former homes still export the same objects."""
+    import hf_attrib
+    import hf_attrib.algorithm.base as base
+    import hf_attrib.benchmark.utils as benchmark_utils
+    import hf_attrib.loaders as loaders
+
+    _, _, train_set, _ = problem
+    random = DataLoader(train_set, batch_size=4, sampler=SubsetRandomSampler(range(N_TRAIN)))
+    with pytest.raises(ValueError, match=r"sampler=hf_attrib\.loaders\.SubsetSampler\(indices\)"):
+        loaders.check_loader(random, "train")
+    assert hf_attrib.SubsetSampler is benchmark_utils.SubsetSampler is loaders.SubsetSampler
+    for name in ("check_loader", "count_examples", "loader_indices"):
+        assert getattr(base, name) is getattr(loaders, name)
+    assert loaders.count_examples(DataLoader(train_set, batch_size=4, drop_last=True)) == 8
 
 
 def test_influence_function_uses_the_count_of_yielded_examples(problem):

@@ -26,8 +26,8 @@ from hf_attrib.func.hessian import (
     ihvp_at_x_cg,
     ihvp_at_x_explicit,
     ihvp_at_x_lissa,
-    lissa_recursion,
 )
+from hf_attrib.func.solvers import lissa_recursion
 from hf_attrib.task import AttributionTask
 
 DT = torch.float64

@@ -33,6 +33,33 @@ def test_unknown_setting_and_method_are_clear_errors():
     assert result.returncode == 2 and "unknown method(s) ['if-magic']" in result.stderr
 
 
+def test_from_hub_pulls_the_lds_models_the_trak_ensembles_use():
+    from hf_attrib.benchmark.runner import ensemble_models_needed
+
+    assert ensemble_models_needed("digits-lr", ["if-cg", "grad-dot"]) == 0
+    assert ensemble_models_needed("digits-lr", ["trak-10", "grad-dot"]) == 10
+    assert ensemble_models_needed("digits-lr") == 50  # all methods: TRAK-50
+    assert ensemble_models_needed("digits-lr", smoke=True) == 4  # half of the 8 smoke models
+    with pytest.raises(KeyError, match=r"unknown method\(s\) \['if-magic'\]"):
+        ensemble_models_needed("digits-lr", ["if-magic"])
+
+
+def test_pulled_repos_of_another_setting_or_size_are_refused():
+    from hf_attrib.benchmark.pulled import PulledBenchmark
+    from hf_attrib.benchmark.settings import smoke_setting
+
+    meta = {"setting": "digits_lr", "n_train": 120, "n_test": 12, "lds_models": 8,
+            "smoke": True}
+    pulled = PulledBenchmark(data=None, full=({}, {}), lds_models=({}, {}), ground_truth={},
+                             noisy=None, loo_index=[], meta=meta, source="org/digits-lr")
+    pulled.check(smoke_setting(get_setting("digits-lr")))  # fits
+    with pytest.raises(ValueError, match="org/digits-lr holds setting 'digits_lr', not "
+                                         "'digits_mlp'"):
+        pulled.check(smoke_setting(get_setting("digits-mlp")))
+    with pytest.raises(ValueError, match=r"exported for .*it is a smoke build: pass --smoke"):
+        pulled.check(get_setting("digits-lr"))
+
+
 def test_missing_data_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_data(get_setting("mnist-lr"), data_dir=tmp_path / "missing")

@@ -11,6 +11,20 @@ import datasets
 import pytest
 import torch
 
+from hf_attrib.benchmark.midi import (
+    NOTE_OFF_OFFSET,
+    NUM_EVENTS,
+    TIME_SHIFT_OFFSET,
+    TOKEN_END,
+    TOKEN_PAD,
+    VELOCITY_OFFSET,
+    Note,
+    decode_events,
+    encode_notes,
+    notes_from_midi,
+    notes_from_music21,
+    quantize_notes,
+)
 from hf_attrib.benchmark.models import (
     MusicTransformerConfig,
     MusicTransformerForCausalLM,
@@ -18,29 +32,16 @@ from hf_attrib.benchmark.models import (
     nanogpt_config,
 )
 from hf_attrib.benchmark.music import (
-    NOTE_OFF_OFFSET,
-    NUM_EVENTS,
-    TIME_SHIFT_OFFSET,
-    TOKEN_END,
-    TOKEN_PAD,
-    VELOCITY_OFFSET,
     MusicData,
-    Note,
     build_maestro,
     build_maestro_test_set,
-    decode_events,
-    encode_notes,
     event_windows,
-    notes_from_midi,
-    notes_from_music21,
-    quantize_notes,
 )
+from hf_attrib.benchmark.sampling import build_generated_test_set, generate_samples
 from hf_attrib.benchmark.text import (
     TINY_SHAKESPEARE_CHARS,
     CharTokenizer,
-    build_generated_test_set,
     build_shakespeare,
-    generate_samples,
     load_shakespeare_text,
     shakespeare_block_counts,
 )
@@ -353,3 +354,16 @@ def test_maestro_csv_folder(tmp_path: Path) -> None:
         assert len(row["input_ids"]) == 9
         assert row["labels"][:8] == [-100] * 8
         assert 0 <= row["labels"][8] < NUM_EVENTS
+
+
+def test_moved_names_still_import_from_their_old_homes() -> None:
+    """The MIDI encoding moved to ``midi``, the sampling to ``sampling``: the old modules
+    re-export them."""
+    from hf_attrib.benchmark import midi, music, sampling, text
+
+    for name in midi.__all__:
+        assert getattr(music, name) is getattr(midi, name), name
+        assert name in music.__all__
+    for name in ("generate_samples", "build_generated_test_set"):
+        assert getattr(text, name) is getattr(sampling, name)
+        assert name in text.__all__

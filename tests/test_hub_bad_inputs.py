@@ -33,12 +33,12 @@ from hf_attrib.hub.layout import (
     CHECKPOINTS_FORMAT,
     INDEX_FILE,
     INDEX_FORMAT,
-    MODEL_IDS_KEY,
     check_folder,
     file_entry,
     save_safetensors,
     sha256_file,
 )
+from hf_attrib.model_utils.block_store import MODEL_IDS_KEY
 
 TOKEN = "hf_local_test_token_4242"
 SHARDS = [f"lds/shard-0000{i}-of-00002.safetensors" for i in range(2)]

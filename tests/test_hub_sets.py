@@ -191,6 +191,7 @@ def test_generative_setting_export_push_load_benchmark_round_trip(local_hub, tmp
     from the Hub gives the training tokens, the generated test set and the ground truth of the
     local build, and the pulled LDS checkpoints reproduce the ground-truth targets."""
     from hf_attrib.benchmark import runner
+    from hf_attrib.benchmark.stacked import evaluate_models
 
     out = tmp_path / "export"
     result = export(setting, out, smoke=True, shard_models=3)
@@ -212,7 +213,7 @@ def test_generative_setting_export_push_load_benchmark_round_trip(local_hub, tmp
         assert torch.equal(getattr(remote.ground_truth, name), getattr(local.ground_truth, name))
     params, buffers, ids = remote.checkpoints["lds"]
     assert ids.tolist() == list(range(8))
-    targets = runner._evaluate(remote.model, (params, buffers), xt, yt,
+    targets = evaluate_models(remote.model, (params, buffers), xt, yt,
                                remote.functions["target"])
     assert torch.allclose(targets, remote.ground_truth.lds_targets, atol=1e-5)
     assert remote.full_state.keys() == local.full_state.keys()

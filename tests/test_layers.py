@@ -2,7 +2,7 @@
 across modules, and a light, flat ``import hf_attrib``.
 
 Layers (lowest first); a module may import from its own layer or a lower one:
-``func``, ``metrics``, ``model_utils``, ``distributed`` < ``task`` < ``algorithm`` <
+``func``, ``metrics``, ``model_utils``, ``distributed``, ``loaders`` < ``task`` < ``algorithm`` <
 ``benchmark``, ``integrations`` < ``hub`` < ``index`` < ``cli``.
 """
 
@@ -20,7 +20,7 @@ import hf_attrib
 PACKAGE = Path(hf_attrib.__file__).parent
 
 LAYERS = {
-    "func": 0, "metrics": 0, "model_utils": 0, "distributed": 0,
+    "func": 0, "metrics": 0, "model_utils": 0, "distributed": 0, "loaders": 0,
     "task": 1,
     "algorithm": 2,
     "benchmark": 3, "integrations": 3,
@@ -67,7 +67,6 @@ def test_every_subpackage_has_a_layer():
     assert tops - {"__init__"} <= set(LAYERS), tops - set(LAYERS) - {"__init__"}
 
 
-@pytest.mark.xfail(strict=True, reason="until the house refactor (issue 12)")
 def test_layers_import_downward_only():
     upward = []
     for path in _files():
@@ -82,7 +81,6 @@ def test_layers_import_downward_only():
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
-@pytest.mark.xfail(strict=True, reason="until the house refactor (issue 12)")
 def test_no_private_names_across_modules():
     crossings = []
     for path in _files():
@@ -105,7 +103,6 @@ def test_no_private_names_across_modules():
     assert not crossings, "private names imported across modules:\n" + "\n".join(crossings)
 
 
-@pytest.mark.xfail(strict=True, reason="until the house refactor (issue 12)")
 def test_no_import_cycles():
     graph: dict[str, set[str]] = {}
     modules = {_module_name(p) for p in _files()}

@@ -1,4 +1,5 @@
-"""Tests of hf_attrib.model_utils.retraining (stacked retraining and the resumable driver)."""
+"""Tests of stacked retraining (hf_attrib.model_utils: subsets, stacked_training, block_store)
+and the resumable driver (retraining)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,10 @@ from safetensors import safe_open
 from torch import nn
 
 import hf_attrib.model_utils.retraining as rt
-from hf_attrib.model_utils.retraining import (
-    RetrainBuild,
-    batch_orders,
-    evaluate_stacked,
-    lds_subsets,
-    load_stacked,
-    load_subsets,
-    loo_subsets,
-    retrain,
-    retrain_lds,
-    retrain_loo,
-    train_stacked,
-)
+from hf_attrib.model_utils.block_store import load_stacked, load_subsets, parse_model_range
+from hf_attrib.model_utils.retraining import RetrainBuild, retrain, retrain_lds, retrain_loo
+from hf_attrib.model_utils.stacked_training import evaluate_stacked, train_stacked
+from hf_attrib.model_utils.subsets import batch_orders, derive_seed, lds_subsets, loo_subsets
 
 N_TRAIN, DIM, CLASSES = 40, 5, 3
 RECIPE = dict(epochs=3, batch_size=8, lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -295,6 +287,33 @@ def test_shards_and_model_ranges_compose_to_full_build(tmp_path):
     assert torch.equal(masks, build.masks[2:6]) and mask_ids.tolist() == [2, 3, 4, 5]
 
 
+@pytest.mark.parametrize(("models", "build", "hub"), [
+    ("2:6", (2, 6), (2, 6)),
+    (":3", (0, 3), (0, 3)),
+    ("4:", (4, 10), (4, 2**62)),
+    ("-3:", (7, 10), (-3, 2**62)),       # a build counts from the end; the Hub refuses it
+    ("5:50", (5, 10), (5, 50)),          # a build clamps; the Hub checks against its index
+    (slice(1, 4), (1, 4), (1, 4)),
+    ((2, 2), (2, 2), (2, 2)),
+])
+def test_parse_model_range_for_builds_and_hub_shards(models, build, hub):
+    assert parse_model_range(models, 10) == build
+    assert parse_model_range(models) == hub
+    assert parse_model_range(None, 10) == (0, 10)
+
+
+@pytest.mark.parametrize(("models", "message"), [
+    ("3", "must look like 'a:b'"),
+    (slice(0, 6, 2), r"contiguous range \(slice step 1\)"),
+])
+def test_parse_model_range_errors(models, message):
+    for num_models in (10, None):
+        with pytest.raises(ValueError, match=message):
+            parse_model_range(models, num_models)
+    with pytest.raises(ValueError, match=r"models=\(4, 11\) must satisfy 0 <= a <= b <= 10"):
+        parse_model_range((4, 11), 10)
+
+
 def test_load_stacked_names_missing_blocks(tmp_path):
     build = _build()
     retrain("lds", tmp_path, build, block_size=2, models=(0, 2), progress=False)
@@ -393,7 +412,7 @@ def test_batchnorm_model_trains_sequentially_like_plain_torch_loop(optimizer):
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-3)
     else:
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-3)
-    torch.manual_seed(rt._derive_seed("dropout", 0, 5))
+    torch.manual_seed(derive_seed("dropout", 0, 5))
     for epoch_order in batch_orders(mask, epochs=RECIPE["epochs"], stream_ids=[5])[0]:
         for start in range(0, epoch_order.numel(), RECIPE["batch_size"]):
             idx = epoch_order[start:start + RECIPE["batch_size"]]

@@ -20,16 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+import hf_attrib.model_utils.block_store as block_store
 import hf_attrib.model_utils.retraining as rt
-from hf_attrib.model_utils.retraining import (
+from hf_attrib.model_utils.block_store import (
     CorruptBlockError,
-    RetrainBuild,
-    lds_subsets,
     load_stacked,
     load_subsets,
     read_block,
-    retrain,
 )
+from hf_attrib.model_utils.retraining import RetrainBuild, retrain
+from hf_attrib.model_utils.subsets import lds_subsets
 
 N_TRAIN, DIM, CLASSES, NUM_MODELS, BLOCK = 40, 5, 3, 7, 2
 RECIPE = dict(epochs=2, batch_size=8, lr=0.1, momentum=0.9)
@@ -297,7 +297,7 @@ def _patch_open(monkeypatch, fail_in: str, after: int = 0, err: int = errno.ENOS
             raise OSError(err, "Input/output error")
         return _FullDisk(f, fail_in)
 
-    monkeypatch.setattr(rt, "open", fake_open, raising=False)
+    monkeypatch.setattr(block_store, "open", fake_open, raising=False)
 
 
 @pytest.mark.parametrize("fail_in", ["write", "flush"])

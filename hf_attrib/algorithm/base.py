@@ -23,22 +23,19 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    IterableDataset,
-    RandomSampler,
-    SequentialSampler,
-)
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hf_attrib.benchmark.utils import SubsetSampler
 from hf_attrib.distributed import gather_rows, rank_and_world, shard_range
 from hf_attrib.func.projection import Projector, make_projector, projector_options
 from hf_attrib.func.utils import batch_size_of, describe_batch
+from hf_attrib.loaders import check_loader, count_examples, loader_indices
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
+# check_loader, count_examples, loader_indices: at home in hf_attrib.loaders, re-exported here
+# (their former home).
 __all__ = [
+    "Attributor",
     "BaseAttributor",
     "FeatureAttributor",
     "check_loader",
@@ -51,103 +48,6 @@ __all__ = [
 _GRAD_CHUNK_BYTES = 256 * 2**20
 # Training examples whose self-influence is solved together (train + test features, float32).
 _SELF_GROUP_BYTES = 256 * 2**20
-
-
-# Samplers whose own ``__iter__`` yields a fixed order (a subclass that overrides ``__iter__``
-# is not trusted: it may shuffle). BatchSampler is sequential when its sampler is.
-_SEQUENTIAL_SAMPLERS = (SequentialSampler, SubsetSampler, BatchSampler)
-# A fixed sequence of indices (or of index lists, as a batch_sampler) is one order forever.
-_FIXED_ORDERS = (list, tuple, range)
-
-
-def _is_sequential(sampler: Any) -> bool:
-    """Whether ``sampler`` yields the same fixed order on every pass (see ``check_loader``)."""
-    if getattr(sampler, "hf_attrib_sequential", False) or isinstance(sampler, _FIXED_ORDERS):
-        return True
-    for cls in _SEQUENTIAL_SAMPLERS:
-        if isinstance(sampler, cls) and type(sampler).__iter__ is cls.__iter__:
-            return cls is not BatchSampler or _is_sequential(sampler.sampler)
-    return False
-
-
-def _order_source(loader: Any) -> Any:
-    """The object that decides the order of ``loader``'s examples (``None``: the loader's own
-    iteration, as for an iterable dataset or a plain list of batches)."""
-    if isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
-        return None  # torch allows no sampler here: the dataset's own order is used
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    return batch_sampler if batch_sampler is not None else getattr(loader, "sampler", None)
-
-
-def _check_order(loader: Any, role: str) -> None:
-    source = _order_source(loader)
-    if source is None or _is_sequential(source):
-        return
-    inner = getattr(source, "sampler", None) if isinstance(source, BatchSampler) else None
-    culprit = inner if inner is not None and not _is_sequential(inner) else source
-    kind = "batch_sampler" if culprit is getattr(loader, "batch_sampler", None) else "sampler"
-    name = type(culprit).__name__
-    if "Distributed" in name:
-        fix = ("hf_attrib shares the work between processes itself (the attributor's "
-               "distributed= option): give every process the same full loader, without a "
-               "DistributedSampler.")
-    else:
-        fix = ("Build it with shuffle=False and no sampler, or select a subset in a fixed order "
-               "with sampler=hf_attrib.benchmark.utils.SubsetSampler(indices). A custom sampler "
-               "that yields the same order on every pass can declare it with the class "
-               "attribute hf_attrib_sequential = True.")
-    what = ("shuffles" if isinstance(culprit, RandomSampler) or getattr(culprit, "shuffle", False)
-            else "does not yield a fixed sequential order")
-    raise ValueError(
-        f"the {role} loader's {kind} ({name}) {what}: scores are rows/columns in the loader's "
-        f"order and would not line up with the dataset. {fix}"
-    )
-
-
-def check_loader(loader: Any, role: str) -> None:
-    """Refuse loaders whose order is not fixed, and empty ones.
-
-    Scores are rows/columns in the loader's order, so a loader that shuffles, samples at
-    random, or otherwise changes its order between passes would silently mis-align them with
-    the dataset (and attributors read the training loader several times). Accepted: plain
-    iterables of batches, iterable datasets, ``SequentialSampler``, ``BatchSampler`` over an
-    accepted sampler, ``hf_attrib.benchmark.utils.SubsetSampler``, fixed lists of indices, and
-    samplers whose class sets ``hf_attrib_sequential = True``.
-    """
-    if not isinstance(loader, DataLoader) and not hasattr(loader, "__iter__"):
-        raise TypeError(f"{role} loader must be a torch DataLoader or an iterable of batches.")
-    _check_order(loader, role)
-    try:
-        empty = len(loader) == 0
-    except TypeError:
-        empty = False
-    if empty:
-        raise ValueError(f"the {role} loader is empty; it must yield at least one batch.")
-
-
-def count_examples(loader: Any) -> int:
-    """Examples one pass over ``loader`` yields (after ``drop_last``, a ``batch_sampler``...).
-
-    A map-style ``DataLoader`` is counted from its batch sampler's index lists, without loading
-    data; anything else by one pass over its batches. Attributors check every later pass
-    against this count.
-    """
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if (isinstance(loader, DataLoader) and batch_sampler is not None
-            and not isinstance(loader.dataset, IterableDataset)):
-        return sum(len(indices) for indices in batch_sampler)
-    return sum(batch_size_of(batch) for batch in loader)
-
-
-def loader_indices(loader: DataLoader) -> list[int]:
-    """The dataset indices a map-style ``DataLoader`` yields, in order (one pass)."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if batch_sampler is not None:
-        return [int(i) for indices in batch_sampler for i in indices]
-    sampler = getattr(loader, "sampler", None)
-    if sampler is not None:
-        return [int(i) for i in sampler]
-    return list(range(len(loader.dataset)))
 
 
 @dataclass
@@ -171,6 +71,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
 class BaseAttributor(ABC):
     """The public surface of every attributor.
 
+    Every constructor argument after ``task`` is keyword-only, in every attributor (subclasses
+    pass their base's options on by keyword).
+
     Args:
         task: the attribution task.
         layer_name: parameter or module names to attribute through (``None``: all).
@@ -189,6 +92,7 @@ class BaseAttributor(ABC):
     def __init__(
         self,
         task: AttributionTask,
+        *,
         layer_name: str | Sequence[str] | None = None,
         device: torch.device | str | None = None,
         grad_chunk_size: int | None = None,
@@ -275,6 +179,10 @@ class BaseAttributor(ABC):
         return max(1, _GRAD_CHUNK_BYTES // (4 * max(dim, 1)))
 
 
+#: The type every attributor is (``cache``, ``attribute``, ``self_attribute``).
+Attributor = BaseAttributor
+
+
 def _changed_pass(role: str, got: str, expected: int) -> None:
     raise ValueError(
         f"the {role} loader yielded {got} examples on this pass but {expected} when it was "
@@ -335,6 +243,7 @@ class FeatureAttributor(BaseAttributor):
     def __init__(
         self,
         task: AttributionTask,
+        *,
         layer_name: str | Sequence[str] | None = None,
         device: torch.device | str | None = None,
         projector_kwargs: dict[str, Any] | None = None,
@@ -343,7 +252,9 @@ class FeatureAttributor(BaseAttributor):
         progress: bool = False,
         distributed: bool | None = None,
     ) -> None:
-        super().__init__(task, layer_name, device, grad_chunk_size, progress, distributed)
+        super().__init__(task, layer_name=layer_name, device=device,
+                         grad_chunk_size=grad_chunk_size, progress=progress,
+                         distributed=distributed)
         self.projector_kwargs = dict(projector_kwargs) if projector_kwargs else None
         projector_options(self.projector_kwargs)  # impossible options fail here, not later
         self.max_cache_bytes = max_cache_bytes

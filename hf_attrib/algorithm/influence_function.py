@@ -36,25 +36,28 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from hf_attrib.algorithm.base import FeatureAttributor, loader_indices, to_device
+from hf_attrib.algorithm.base import FeatureAttributor, to_device
 from hf_attrib.distributed import gather_rows, shard_range
-from hf_attrib.func.hessian import (
-    _CG_FIX,
+from hf_attrib.func.hvp_engine import (
     HessianSum,
-    _chunked,
-    _hvp_operator,
-    _vmap_chunk,
+    chunked,
+    hessian_columns,
+    hvp_operator,
+    linearization_bytes,
+    vmap_chunk,
+)
+from hf_attrib.func.projection import Projector
+from hf_attrib.func.solvers import (
+    CG_FIX,
     arnoldi_eigen,
     batched_cg,
     block_cg,
     check_eigenvalues,
     check_finite_solution,
-    hessian_columns,
-    linearization_bytes,
     lissa_recursion,
 )
-from hf_attrib.func.projection import Projector
 from hf_attrib.func.utils import batch_size_of, unflatten_params
+from hf_attrib.loaders import loader_indices
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
 __all__ = [
@@ -160,11 +163,11 @@ class _IFBase(FeatureAttributor):
     train_kind = "loss"
     test_kind = "target"
 
-    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+    def __init__(self, task: AttributionTask, *, layer_name: str | Sequence[str] | None = None,
                  device: torch.device | str | None = None, regularization: float = 0.0,
                  mode: str = "rev-rev", rhs_chunk_size: int = 256,
                  hessian_cache_bytes: int = _HESSIAN_CACHE_BYTES, **kwargs: Any) -> None:
-        super().__init__(task, layer_name, device, **kwargs)
+        super().__init__(task, layer_name=layer_name, device=device, **kwargs)
         if regularization < 0:
             raise ValueError("regularization must be >= 0.")
         self.regularization = regularization
@@ -248,10 +251,11 @@ class IFAttributorExplicit(_IFBase):
         max_hessian_bytes: refuse Hessians larger than this (float64 bytes).
     """
 
-    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+    def __init__(self, task: AttributionTask, *, layer_name: str | Sequence[str] | None = None,
                  device: torch.device | str | None = None, regularization: float = 0.0,
                  max_hessian_bytes: int = _MAX_EXPLICIT_BYTES, **kwargs: Any) -> None:
-        super().__init__(task, layer_name, device, regularization, **kwargs)
+        super().__init__(task, layer_name=layer_name, device=device,
+                         regularization=regularization, **kwargs)
         self.max_hessian_bytes = max_hessian_bytes
 
     def _prepare(self, fns: CheckpointFunctions, loader: DataLoader,
@@ -313,12 +317,13 @@ class IFAttributorCG(_IFBase):
             and falls back to plain CG.
     """
 
-    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+    def __init__(self, task: AttributionTask, *, layer_name: str | Sequence[str] | None = None,
                  device: torch.device | str | None = None, max_iter: int = 10,
                  tol: float = 1e-7,
                  regularization: float = 0.0, mode: str = "rev-rev", block: bool = False,
                  **kwargs: Any) -> None:
-        super().__init__(task, layer_name, device, regularization, mode, **kwargs)
+        super().__init__(task, layer_name=layer_name, device=device,
+                         regularization=regularization, mode=mode, **kwargs)
         self.max_iter = max_iter
         self.tol = tol
         self.block = block
@@ -332,7 +337,7 @@ class IFAttributorCG(_IFBase):
     def _transform_test(self, fns: CheckpointFunctions, state: Any, feats: Tensor) -> Tensor:
         solver = block_cg if self.block else batched_cg
         out = solver(state, feats, max_iter=self.max_iter, tol=self.tol)
-        return check_finite_solution(out, "IFAttributorCG's CG solve", _CG_FIX)
+        return check_finite_solution(out, "IFAttributorCG's CG solve", CG_FIX)
 
 
 class IFAttributorLiSSA(_IFBase):
@@ -351,12 +356,15 @@ class IFAttributorLiSSA(_IFBase):
         seed: seed of the mini-batch sampler.
     """
 
-    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+    def __init__(self, task: AttributionTask, *, layer_name: str | Sequence[str] | None = None,
                  device: torch.device | str | None = None, batch_size: int = 50,
                  num_repeat: int = 1,
                  recursion_depth: int = 500, damping: float = 0.0, scaling: float = 50.0,
                  mode: str = "rev-rev", seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(task, layer_name, device, 0.0, mode, **kwargs)
+        # LiSSA damps through damping/scaling, not the shared regularization (passing
+        # regularization= is a TypeError, as it always was).
+        super().__init__(task, layer_name=layer_name, device=device, regularization=0.0,
+                         mode=mode, **kwargs)
         self.batch_size = batch_size
         self.num_repeat = num_repeat
         self.recursion_depth = recursion_depth
@@ -392,8 +400,8 @@ class IFAttributorLiSSA(_IFBase):
                 return fns.loss(t, batch)
 
             if not chunk:
-                chunk = _vmap_chunk(linearization_bytes(objective, fns.theta), self.rhs_chunk_size)
-            return _chunked(_hvp_operator(objective, fns.theta, self.mode), chunk, product)
+                chunk = vmap_chunk(linearization_bytes(objective, fns.theta), self.rhs_chunk_size)
+            return chunked(hvp_operator(objective, fns.theta, self.mode), chunk, product)
 
         return lissa_recursion(sample_matvec, feats, self.recursion_depth, self.num_repeat,
                                self.damping, self.scaling)
@@ -424,12 +432,13 @@ class IFAttributorArnoldi(_IFBase):
         seed: seed of the Arnoldi start vector.
     """
 
-    def __init__(self, task: AttributionTask, layer_name: str | Sequence[str] | None = None,
+    def __init__(self, task: AttributionTask, *, layer_name: str | Sequence[str] | None = None,
                  device: torch.device | str | None = None, proj_dim: int = 100,
                  max_iter: int = 200,
                  norm_constant: float = 1.0, tol: float = 1e-7, regularization: float = 0.0,
                  mode: str = "rev-rev", seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(task, layer_name, device, regularization, mode, **kwargs)
+        super().__init__(task, layer_name=layer_name, device=device,
+                         regularization=regularization, mode=mode, **kwargs)
         self.proj_dim = proj_dim
         self.max_iter = max(max_iter, proj_dim)
         self.norm_constant = norm_constant

@@ -68,20 +68,31 @@ class RPSAttributor(BaseAttributor):
         fit_tol: the fit stops when every entry of the objective's gradient is below this.
         fit_max_iter: L-BFGS iterations at most (a warning says when they did not reach
             ``fit_tol``).
-        device, grad_chunk_size, progress: see ``BaseAttributor`` (``device=None``: the
-            model's device).
+        device, progress, distributed: see ``BaseAttributor`` (``device=None``: the model's
+            device; ``grad_chunk_size`` is accepted and unused).
+
+    Why not ``FeatureAttributor``'s shared loop: that loop scores inner products of
+    per-example gradients of ``loss_func``/``target_func``, computed independently per example
+    and per checkpoint. RPS's train side is not that: every :math:`\\alpha_j` comes from one
+    fit over the whole training set (the refit weight), its features are the last layer's
+    inputs (normalised in the kernel only), the test side picks the column of :math:`\\alpha`
+    of each test example's class (``label_func``), and there is one checkpoint. What it does
+    instead: ``cache`` makes one pass over the training loader (the same loader checks) and
+    keeps :math:`\\alpha` ``[n, C]`` and :math:`h` ``[n, H]`` (a forward pass per example and
+    a small convex fit); ``attribute`` scores one test batch at a time. With ``distributed``
+    every process computes all of it (no work is shared; every process gets the same scores).
 
     Attributes:
         fitted_weight: the refit weight :math:`\\Theta_1` ``[classes, features]`` (float64),
             set by ``cache`` when ``fit_last_layer``.
     """
 
-    def __init__(self, task: AttributionTask, final_linear_layer_name: str,
+    def __init__(self, task: AttributionTask, *, final_linear_layer_name: str,
                  l2_strength: float = 0.003, normalize_preactivate: bool = False,
                  label_func: Callable[[Any], Tensor] = default_label_func,
                  device: torch.device | str | None = None, fit_last_layer: bool = True,
                  fit_tol: float = 1e-9, fit_max_iter: int = 1000, **kwargs: Any) -> None:
-        super().__init__(task, final_linear_layer_name, device, **kwargs)
+        super().__init__(task, layer_name=final_linear_layer_name, device=device, **kwargs)
         modules = dict(task.model.named_modules())
         layer = modules.get(final_linear_layer_name)
         if not isinstance(layer, nn.Linear):

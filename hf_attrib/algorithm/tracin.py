@@ -43,11 +43,13 @@ class TracInAttributor(FeatureAttributor):
     train_kind = "loss"
     test_kind = "target"
 
-    def __init__(self, task: AttributionTask, weight_list: Sequence[float] | Tensor | None = None,
+    def __init__(self, task: AttributionTask, *,
+                 weight_list: Sequence[float] | Tensor | None = None,
                  normalized_grad: bool = False, projector_kwargs: dict[str, Any] | None = None,
                  layer_name: str | Sequence[str] | None = None,
                  device: torch.device | str | None = None, **kwargs: Any) -> None:
-        super().__init__(task, layer_name, device, projector_kwargs, **kwargs)
+        super().__init__(task, layer_name=layer_name, device=device,
+                         projector_kwargs=projector_kwargs, **kwargs)
         if weight_list is None:
             weight_list = [1.0] * task.num_checkpoints
         weights = [float(w) for w in weight_list]

@@ -49,9 +49,11 @@ from hf_attrib.distributed import all_reduce_sum
 from hf_attrib.func.utils import add_batch_dim
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
-__all__ = ["TRAKAttributor"]
+__all__ = ["DEFAULT_PROJ_DIM", "TRAKAttributor"]
 
-_DEFAULT_PROJ_DIM = 2048
+#: The projection size when ``projector_kwargs`` is not given.
+DEFAULT_PROJ_DIM = 2048
+_DEFAULT_PROJ_DIM = DEFAULT_PROJ_DIM  # its former (private) name; tests still read it
 
 
 class TRAKAttributor(FeatureAttributor):
@@ -80,7 +82,7 @@ class TRAKAttributor(FeatureAttributor):
     train_kind = "target"
     test_kind = "target"
 
-    def __init__(self, task: AttributionTask,
+    def __init__(self, task: AttributionTask, *,
                  correct_probability_func: Callable[[dict[str, Tensor], Any], Tensor] | None = None,
                  projector_kwargs: dict[str, Any] | None = None,
                  layer_name: str | Sequence[str] | None = None,
@@ -88,9 +90,10 @@ class TRAKAttributor(FeatureAttributor):
                  relative_regularization: float | None = None,
                  **kwargs: Any) -> None:
         if projector_kwargs is None:
-            projector_kwargs = {"proj_dim": _DEFAULT_PROJ_DIM}
+            projector_kwargs = {"proj_dim": DEFAULT_PROJ_DIM}
         _check_regularization(regularization, relative_regularization)
-        super().__init__(task, layer_name, device, projector_kwargs, **kwargs)
+        super().__init__(task, layer_name=layer_name, device=device,
+                         projector_kwargs=projector_kwargs, **kwargs)
         self.correct_probability_func = correct_probability_func
         self.regularization = regularization
         self.relative_regularization = relative_regularization

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hf_attrib.benchmark.settings import BenchmarkSetting
 
-__all__ = ["BenchmarkData", "build_data", "flip_labels"]
+__all__ = ["BenchmarkData", "build_data", "flip_labels", "split_tensors"]
 
 # Hub datasets the image settings read (or a local folder / parquet copy of them).
 _HUB_IDS = {"mnist": "ylecun/mnist", "cifar10": "uoft-cs/cifar10", "cifar2": "uoft-cs/cifar10"}
@@ -46,6 +46,22 @@ class BenchmarkData:
         """``(x, y)`` tensors of a classification split."""
         columns = split.with_format("torch")[:]
         return columns["pixel_values"].float(), columns["label"].long()
+
+
+def split_tensors(split: datasets.Dataset, kind: str) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` tensors of a split of a classification or generation setting.
+
+    Args:
+        split: a split (``pixel_values``/``label`` or ``input_ids``/``labels`` columns).
+        kind: the setting's kind, ``"classification"`` or ``"generation"``.
+
+    Returns:
+        Float inputs and long labels (classification), or long token ids and labels.
+    """
+    if kind == "classification":
+        return BenchmarkData.tensors(split)
+    columns = split.with_format("torch")[:]
+    return columns["input_ids"].long(), columns["labels"].long()
 
 
 def flip_labels(labels: Tensor, fraction: float, num_labels: int, seed: int

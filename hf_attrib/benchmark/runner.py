@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,216 +34,62 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hf_attrib import __version__
-from hf_attrib.algorithm import (
-    GradCosAttributor,
-    GradDotAttributor,
-    IFAttributorArnoldi,
-    IFAttributorCG,
-    IFAttributorExplicit,
-    IFAttributorLiSSA,
-    RPSAttributor,
-    TracInAttributor,
-    TRAKAttributor,
+from hf_attrib.algorithm import Attributor, get_method
+from hf_attrib.benchmark.builders import (
+    Functions,
+    build_model,
+    classification_functions,
+    generation_functions,
+    load_state,
+    setting_functions,
 )
-from hf_attrib.benchmark.data import BenchmarkData, build_data
-from hf_attrib.benchmark.models import (
-    LogisticRegressionConfig,
-    LogisticRegressionModel,
-    MLPConfig,
-    MLPModel,
-    MusicTransformerConfig,
-    MusicTransformerForCausalLM,
-    NanoGPTForCausalLM,
-    ResNet9Config,
-    ResNet9Model,
-    nanogpt_config,
-)
-from hf_attrib.benchmark.music import NUM_MIDI_EVENTS, build_maestro, build_maestro_test_set
+from hf_attrib.benchmark.data import BenchmarkData, build_data, split_tensors
+from hf_attrib.benchmark.midi import NUM_EVENTS
+from hf_attrib.benchmark.music import build_maestro, build_maestro_test_set
+from hf_attrib.benchmark.pulled import PulledBenchmark
 from hf_attrib.benchmark.report import results_chart, results_markdown
-from hf_attrib.benchmark.settings import BenchmarkSetting, get_setting
+from hf_attrib.benchmark.sampling import build_generated_test_set
+from hf_attrib.benchmark.settings import BenchmarkSetting, get_setting, smoke_setting
+from hf_attrib.benchmark.stacked import (
+    Stacked,
+    evaluate_models,
+    load_models,
+    select_models,
+    train_model,
+    unstack,
+)
 from hf_attrib.benchmark.text import (
     SHAKESPEARE_NEW_TOKENS,
     SHAKESPEARE_PROMPT_LEN,
-    build_generated_test_set,
     build_shakespeare,
     load_shakespeare_text,
 )
 from hf_attrib.metrics import lds, loo_corr, mislabel_detection_auc
 from hf_attrib.model_utils.retraining import (
     CorruptBlockError,
-    evaluate_stacked,
-    load_stacked,
     load_subsets,
     retrain_lds,
     retrain_loo,
-    train_stacked,
 )
-from hf_attrib.task import AttributionTask, _check_state_dict
+from hf_attrib.task import AttributionTask
 
-__all__ = ["METHODS", "build_ground_truth", "check_writable", "prepare", "results_markdown",
-           "run_benchmark"]
+# build_model, classification_functions, generation_functions: re-exported from builders.
+__all__ = ["METHODS", "Prepared", "build_ground_truth", "build_model", "check_writable",
+           "classification_functions", "ensemble_models_needed", "generated_test_set",
+           "generation_functions", "loo_index", "prepare", "results_markdown", "run_benchmark"]
 
-METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "tracin", "grad-dot", "grad-cos",
-           "rps", "trak-1", "trak-10", "trak-50")
 _TRACIN_CHECKPOINTS = 5
-
-
-# --------------------------------------------------------------------------------------------
-# Models and functions
-# --------------------------------------------------------------------------------------------
-def build_model(setting: BenchmarkSetting, vocab_size: int | None = None) -> nn.Module:
-    """A freshly initialised model of the setting (seeded)."""
-    torch.manual_seed(setting.seed)
-    if setting.model == "nanogpt":
-        return NanoGPTForCausalLM(nanogpt_config(vocab_size=vocab_size, **setting.model_kwargs))
-    if setting.model == "music_transformer":
-        return MusicTransformerForCausalLM(MusicTransformerConfig(**setting.model_kwargs))
-    if setting.model == "logistic_regression":
-        return LogisticRegressionModel(LogisticRegressionConfig(**setting.model_kwargs))
-    if setting.model == "mlp":
-        return MLPModel(MLPConfig(**setting.model_kwargs))
-    if setting.model == "resnet9":
-        return ResNet9Model(ResNet9Config(**setting.model_kwargs))
-    raise NotImplementedError(f"no model family {setting.model!r} (setting {setting.name}).")
-
-
-def _margin(logits: Tensor, y: Tensor) -> Tensor:
-    """``log p/(1-p)`` of the true class, per example (stable form)."""
-    true = logits.gather(1, y[:, None])[:, 0]
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return true - torch.logsumexp(others, dim=1)
-
-
-def _lse_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    return (torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None])[:, 0]).mean()
-
-
-def classification_functions(model: nn.Module) -> dict[str, Callable[..., Tensor]]:
-    """Loss, margin target and correct-class probability on ``(x, y)`` batches."""
-
-    def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.func.functional_call(model, params, (x,)).logits
-
-    return {
-        "loss": lambda p, b: nn.functional.cross_entropy(logits(p, b[0]), b[1]),
-        "margin": lambda p, b: _margin(logits(p, b[0]), b[1]).mean(),
-        "prob": lambda p, b: torch.softmax(logits(p, b[0]), -1).gather(1, b[1][:, None]).mean(),
-        # Cross-entropy as logsumexp - true logit: the same value, but CPU log_softmax on many
-        # narrow rows is ~10x slower under vmap (recipes/speed/bench_retrain.py).
-        "train_loss": lambda p, x, y: _lse_cross_entropy(logits(p, x), y),
-        "target": lambda p, x, y: _margin(logits(p, x), y),
-    }
-
-
-def _sequence_log_likelihood(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-sequence sum of ``log p(label_t+1 | prefix)`` over positions not labelled -100."""
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    target = labels[:, 1:]
-    mask = target != -100
-    picked = logp.gather(-1, target.clamp_min(0)[..., None])[..., 0]
-    return (picked * mask).sum(dim=-1)
-
-
-def generation_functions(model: nn.Module) -> dict[str, Callable[..., Tensor]]:
-    """Causal-LM loss and log-likelihood target on ``(input_ids, labels)`` batches."""
-
-    def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.func.functional_call(model, params, (x,)).logits
-
-    def mean_token_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = logits(params, x)
-        target = y[:, 1:]
-        mask = target != -100
-        nll = -_sequence_log_likelihood(out, y)
-        return nll.sum() / mask.sum().clamp_min(1)
-
-    return {
-        "loss": lambda p, b: mean_token_loss(p, b[0], b[1]),
-        "margin": lambda p, b: _sequence_log_likelihood(logits(p, b[0]), b[1]).mean(),
-        "prob": None,
-        "train_loss": mean_token_loss,
-        "target": lambda p, x, y: _sequence_log_likelihood(logits(p, x), y),
-    }
-
-
-Stacked = tuple[dict[str, Tensor], dict[str, Tensor]]  # (params, buffers), each [M, ...]
-
-
-def _unstack(models: Stacked, i: int) -> dict[str, Tensor]:
-    """The state dict (parameters and buffers) of stacked model ``i``."""
-    params, buffers = models
-    return {k: v[i].clone() for k, v in {**params, **buffers}.items()}
-
-
-def _select(models: Stacked, ids: Sequence[int]) -> Stacked:
-    params, buffers = models
-    return ({k: v[ids] for k, v in params.items()}, {k: v[ids] for k, v in buffers.items()})
-
-
-def _persistent(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]
-                ) -> Stacked:
-    """Drop non-persistent buffers (e.g. attention masks): they are not part of a state."""
-    keys = model.state_dict().keys()
-    return params, {k: v for k, v in buffers.items() if k in keys}
-
-
-def _load(model: nn.Module, gt_dir: Path, kind: str) -> Stacked:
-    params, buffers, _ = load_stacked(gt_dir, kind, with_buffers=True)
-    return _persistent(model, params, buffers)
-
-
-def _train(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Tensor, seed: int,
-           recipe: dict[str, Any], start: dict[str, Tensor] | None = None,
-           **kwargs: Any) -> Stacked:
-    """One model on all of ``x``, from ``start`` (default: the model's current weights).
-
-    ``loss`` calls ``model`` itself, so ``model`` is trained in place of a copy and its
-    weights are restored afterwards. Batch-norm models train sequentially, keeping buffers.
-    """
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if start is not None:
-        _load_state(model, start)
-    mask = torch.ones(1, x.shape[0], dtype=torch.bool)
-    try:
-        params, buffers = train_stacked(model, loss, x, y, mask, seed=seed, return_buffers=True,
-                                        init="model", **{**recipe, **kwargs})
-        return _persistent(model, params, buffers)
-    finally:
-        model.load_state_dict(saved)
-
-
-def _evaluate(model: nn.Module, models: Stacked, x: Tensor, y: Tensor,
-              target: Callable[..., Tensor]) -> Tensor:
-    params, buffers = models
-    return evaluate_stacked(model, params, x, y, target, chunk=64, buffers=buffers or None)
-
-
-def _load_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """``load_state_dict`` that accepts tied weights stored once (checked, not silent)."""
-    _check_state_dict(model, state, "trained state")
-    model.load_state_dict(state, strict=False)
 
 
 # --------------------------------------------------------------------------------------------
 # Methods
 # --------------------------------------------------------------------------------------------
-# Hyperparameters: ``DEFAULTS`` are the best of ``SEARCH`` on digits-lr; ``SEARCH`` is the
-# paper's Appendix C.1 grid, plus a kernel regularization grid for TRAK (the paper fixes it; on
-# small models an unregularized (Phi^T Phi)^-1 is a near-exact inverse and ranks poorly).
-_REGS = [1e-1, 1e-2, 5e-3, 1e-3, 1e-4, 1e-5]
-SEARCH: dict[str, list[dict[str, Any]]] = {
-    "if-explicit": [{"regularization": r} for r in _REGS],
-    "if-cg": [{"regularization": r, "max_iter": 10} for r in _REGS],
-    "if-lissa": [{"recursion_depth": 500, "batch_size": b} for b in (10, 50)],
-    "if-arnoldi": [{"regularization": r, "max_iter": 50} for r in _REGS],
-    "tracin": [{}],
-    "grad-dot": [{}],
-    "grad-cos": [{}],
-    "rps": [{"l2_strength": s, "normalize_preactivate": nm}
-            for s in (10, 1, 1e-1, 1e-2, 1e-3, 1e-4) for nm in (True, False)],
-    "trak": [{"proj_dim": p, "per_example_regularization": r}
-             for p in (512, 2048) for r in (0.0, 1e-2, 1e-1, 1.0)],
-}
+# The methods come from the registry (``hf_attrib.algorithm``: classes, names, the Appendix
+# C.1 grids); the benchmark adds its own tuned defaults, TRAK's ensembles and its wiring.
+# ``DEFAULTS`` are the best of ``SEARCH`` on digits-lr, one entry per benchmarked method, in
+# the order of the results table. Hyperparameters are recorded under the benchmark's names
+# (results.json, the table): TRAK's projection size as ``proj_dim`` and its damping as
+# ``per_example_regularization`` (see ``make_attributor``).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "if-explicit": {"regularization": 1e-1},
     "if-cg": {"regularization": 1e-1, "max_iter": 10},
@@ -255,6 +101,28 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "rps": {"l2_strength": 1e-3, "normalize_preactivate": True},
     "trak": {"proj_dim": 512, "per_example_regularization": 1e-1},
 }
+# TRAK is run as ensembles of the first k LDS subset models (TRAK-k, the paper's names).
+_TRAK_ENSEMBLES = ("trak-1", "trak-10", "trak-50")
+METHODS = tuple(name for family in DEFAULTS
+                for name in (_TRAK_ENSEMBLES if family == "trak" else (family,)))
+
+
+def _benchmark_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A registry grid entry under the benchmark's names (``projector_kwargs={"proj_dim": p}``
+    becomes ``proj_dim=p``)."""
+    flat = dict(params.get("projector_kwargs", {}))
+    flat.update((k, v) for k, v in params.items() if k != "projector_kwargs")
+    return flat
+
+
+# The paper's grid of each method, plus a kernel damping grid for TRAK (the paper fixes it; on
+# small models an unregularized (Phi^T Phi)^-1 is a near-exact inverse and ranks poorly).
+SEARCH: dict[str, list[dict[str, Any]]] = {
+    family: [_benchmark_params(params) for params in get_method(family).search]
+    for family in DEFAULTS
+}
+SEARCH["trak"] = [{**params, "per_example_regularization": r}
+                  for params in SEARCH["trak"] for r in (0.0, 1e-2, 1e-1, 1.0)]
 
 
 # Smoke runs check the pipeline, not the methods: their solvers run a few iterations only.
@@ -269,42 +137,51 @@ def _family(method: str) -> str:
     return "trak" if method.startswith("trak-") else method
 
 
-def make_attributor(method: str, task: AttributionTask, fns: dict[str, Callable[..., Tensor]],
-                    device: str, n_train: int, params: dict[str, Any] | None = None) -> Any:
+
+
+def _trak(hp: dict[str, Any], task: AttributionTask, fns: Functions, n_train: int
+          ) -> dict[str, Any]:
+    d_model = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    lam = hp["per_example_regularization"] * n_train * hp["proj_dim"] / d_model
+    return {"correct_probability_func": fns.get("prob"),
+            "projector_kwargs": {"proj_dim": hp["proj_dim"]}, "regularization": lam}
+
+
+# What the benchmark gives a method besides its hyperparameters: family -> hook turning
+# ``(params, task, fns, n_train)`` into constructor keyword arguments (default: the params).
+_WIRING: dict[str, Callable[[dict[str, Any], AttributionTask, Functions, int],
+                            dict[str, Any]]] = {
+    "if-lissa": lambda hp, task, fns, n: {"damping": 1e-4, "scaling": 10.0, **hp},
+    "if-arnoldi": lambda hp, task, fns, n: {"proj_dim": min(50, hp["max_iter"]), **hp},
+    "tracin": lambda hp, task, fns, n: {"weight_list": [1.0] * task.num_checkpoints, **hp},
+    "rps": lambda hp, task, fns, n: {"final_linear_layer_name": "classifier", **hp},
+    "trak": _trak,
+}
+
+
+def make_attributor(method: str, task: AttributionTask, fns: Functions, device: str,
+                    n_train: int, params: dict[str, Any] | None = None) -> Attributor:
     """The attributor of ``method`` with hyperparameters ``params`` (default: ``DEFAULTS``).
 
-    LiSSA's ``scaling`` is set above the largest Hessian eigenvalue is ever likely to be for
-    these models (10) with ``damping * scaling`` equal to 1e-3. TRAK's
-    ``per_example_regularization`` ``r`` damps the averaged kernel, ``Phi^T Phi / n + r I`` on
-    hf_attrib's normalised features (its kernel sums over examples, while the IF Hessian
-    averages); ``TRAKAttributor.regularization`` is on dattri's scale (``lambda D / p`` on
-    those features), hence the conversion ``lambda = r n p / D``.
+    The class is the registry's (``hf_attrib.algorithm.get_method``), the hyperparameters are
+    the benchmark's, and ``_WIRING`` adds the rest. LiSSA's ``scaling`` is set above the
+    largest Hessian eigenvalue is ever likely to be for these models (10) with
+    ``damping * scaling`` equal to 1e-3. TRAK's ``per_example_regularization`` ``r`` damps the
+    averaged kernel, ``Phi^T Phi / n + r I`` on hf_attrib's normalised features (its kernel
+    sums over examples, while the IF Hessian averages); ``TRAKAttributor.regularization`` is on
+    dattri's scale (``lambda D / p`` on those features), hence the conversion
+    ``lambda = r n p / D``.
+
+    Raises:
+        KeyError: ``method`` is not one of ``METHODS``.
     """
-    hp = dict(DEFAULTS[_family(method)] if params is None else params)
-    if method == "if-explicit":
-        return IFAttributorExplicit(task=task, device=device, **hp)
-    if method == "if-cg":
-        return IFAttributorCG(task=task, device=device, **hp)
-    if method == "if-lissa":
-        return IFAttributorLiSSA(task=task, device=device, damping=1e-4, scaling=10.0, **hp)
-    if method == "if-arnoldi":
-        return IFAttributorArnoldi(task=task, device=device, proj_dim=min(50, hp["max_iter"]),
-                                   **hp)
-    if method == "tracin":
-        return TracInAttributor(task=task, device=device,
-                                weight_list=[1.0] * task.num_checkpoints)
-    if method == "grad-dot":
-        return GradDotAttributor(task=task, device=device)
-    if method == "grad-cos":
-        return GradCosAttributor(task=task, device=device)
-    if method == "rps":
-        return RPSAttributor(task=task, device=device, final_linear_layer_name="classifier", **hp)
-    if method.startswith("trak-"):
-        d_model = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
-        lam = hp["per_example_regularization"] * n_train * hp["proj_dim"] / d_model
-        return TRAKAttributor(task=task, device=device, correct_probability_func=fns.get("prob"),
-                              projector_kwargs={"proj_dim": hp["proj_dim"]}, regularization=lam)
-    raise KeyError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}.")
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}.")
+    family = _family(method)
+    hp = dict(DEFAULTS[family] if params is None else params)
+    wiring = _WIRING.get(family)
+    kwargs = hp if wiring is None else wiring(hp, task, fns, n_train)
+    return get_method(family).attributor_class(task, device=device, **kwargs)
 
 
 class _PeakRSS:
@@ -380,23 +257,6 @@ def _outcome(row: dict[str, Any]) -> str:
     return ", ".join(f"{m.upper()} {row[m]:.3f}" for m in ("lds", "loo", "auc") if m in row)
 
 
-# Smoke runs shrink the data, the number of models and the architectures' widths.
-_SMOKE_MODEL = {
-    "resnet9": dict(stem_channels=8, hidden_sizes=(16, 32, 64)),
-    "music_transformer": dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
-                              intermediate_size=64, max_position_embeddings=64),
-    "nanogpt": dict(n_layer=1, n_head=2, n_embd=32, block_size=32),
-}
-
-
-def _smoke(setting: BenchmarkSetting) -> BenchmarkSetting:
-    train = replace(setting.train, epochs=min(setting.train.epochs, 3))
-    model_kwargs = {**setting.model_kwargs, **_SMOKE_MODEL.get(setting.model, {})}
-    extra = {**setting.extra, "seq_len": 32} if "seq_len" in setting.extra else setting.extra
-    return replace(setting, n_train=min(setting.n_train, 120), n_test=min(setting.n_test, 12),
-                   lds_models=8, train=train, model_kwargs=model_kwargs, extra=extra)
-
-
 @dataclass
 class Prepared:
     """A setting made concrete: its data tensors, model, functions and training recipe."""
@@ -422,21 +282,19 @@ def prepare(setting: str | BenchmarkSetting, data_dir: str | Path | None = None,
     """
     setting = get_setting(setting) if isinstance(setting, str) else setting
     if smoke:
-        setting = _smoke(setting)
+        setting = smoke_setting(setting)
     if setting.kind == "generation":
         data, vocab_size = _generation_data(setting, data_dir, cache_dir, smoke)
         setting = replace(setting, n_train=len(data.train))
-        columns = data.train.with_format("torch")[:]
-        x, y = columns["input_ids"].long(), columns["labels"].long()
+        x, y = split_tensors(data.train, setting.kind)
         xt = yt = None
         model = build_model(setting, vocab_size)
-        fns = generation_functions(model)
     else:
         data = build_data(setting, data_dir)
-        x, y = BenchmarkData.tensors(data.train)
-        xt, yt = BenchmarkData.tensors(data.test)
+        x, y = split_tensors(data.train, setting.kind)
+        xt, yt = split_tensors(data.test, setting.kind)
         model = build_model(setting)
-        fns = classification_functions(model)
+    fns = setting_functions(setting, model)
     # Blocks of models trained together (and written together): as many as keep the stacked
     # parameters within ~64 MB, so small models train hundreds at a time.
     n_params = sum(p.numel() for p in model.parameters())
@@ -463,7 +321,7 @@ def _generation_data(setting: BenchmarkSetting, data_dir: str | Path | None,
                               max_pieces=8 if smoke and data_dir is None else None,
                               eval_stride=64 if data_dir is None else None,
                               cache_dir=cache_dir)
-        return BenchmarkData(train=music.train, test=music.test), NUM_MIDI_EVENTS + 2
+        return BenchmarkData(train=music.train, test=music.test), NUM_EVENTS + 2
     raise NotImplementedError(f"no data builder for {setting.dataset!r}.")
 
 
@@ -475,7 +333,7 @@ def generated_test_set(prep: Prepared, state: dict[str, Tensor]) -> None:
     """
     setting = prep.setting
     model = copy.deepcopy(prep.model)
-    _load_state(model, state)
+    load_state(model, state)
     holdout = prep.data.test
     if setting.dataset == "maestro":
         seq_len = setting.extra.get("seq_len", 256)
@@ -488,12 +346,13 @@ def generated_test_set(prep: Prepared, state: dict[str, Tensor]) -> None:
                                         prompt_len=prompt,
                                         new_tokens=min(SHAKESPEARE_NEW_TOKENS, block - prompt),
                                         seed=setting.seed)
-    columns = test.with_format("torch")[:]
-    prep.xt, prep.yt = columns["input_ids"].long(), columns["labels"].long()
+    prep.xt, prep.yt = split_tensors(test, setting.kind)
 
 
-def _loo_index(setting: BenchmarkSetting, loo_examples: int | None) -> list[int]:
+def loo_index(setting: BenchmarkSetting, loo_examples: int | None) -> list[int]:
+    """The training examples LOO models leave out: the first ``loo_examples`` (default all)."""
     return list(range(min(loo_examples or setting.n_train, setting.n_train)))
+
 
 
 def _check_existing(gt_dir: Path, kind: str, n_train: int) -> None:
@@ -539,7 +398,36 @@ def build_ground_truth(prep: Prepared, gt_dir: str | Path, kind: str,
         return retrain_lds(gt_dir, prep.model, prep.fns["train_loss"], prep.x, prep.y,
                            num_models=setting.lds_models, fraction=setting.lds_fraction, **common)
     return retrain_loo(gt_dir, prep.model, prep.fns["train_loss"], prep.x, prep.y,
-                       indices=_loo_index(setting, loo_examples), **common)
+                       indices=loo_index(setting, loo_examples), **common)
+
+
+def _checked_methods(methods: Sequence[str] | None) -> list[str]:
+    """``methods`` (default: all of ``METHODS``), each checked to be known."""
+    methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise KeyError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}.")
+    return methods
+
+
+def ensemble_models_needed(setting: str | BenchmarkSetting,
+                           methods: Sequence[str] | None = None, smoke: bool = False) -> int:
+    """How many LDS subset models (``0..k-1``) a run's ensembling methods (TRAK-k) use: the
+    checkpoints ``--from-hub`` has to pull.
+
+    Args:
+        setting: a setting or its name.
+        methods: the run's methods (default: all of ``METHODS``).
+        smoke: the run is a smoke run.
+
+    Raises:
+        KeyError: an unknown method (the error ``run_benchmark`` gives).
+    """
+    setting = get_setting(setting) if isinstance(setting, str) else setting
+    if smoke:
+        setting = smoke_setting(setting)
+    return max((min(int(m.split("-")[1]), len(setting.ensemble_model_ids))
+                for m in _checked_methods(methods) if m.startswith("trak-")), default=0)
 
 
 def run_benchmark(
@@ -552,7 +440,7 @@ def run_benchmark(
     loo_examples: int | None = None,
     search: bool = False,
     progress: bool = True,
-    from_hub: str | Path | None = None,
+    pulled: PulledBenchmark | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark of one setting; see the module docstring.
 
@@ -569,53 +457,53 @@ def run_benchmark(
             ``DEFAULTS``.
         progress: progress bars while training the ground truth, and a line on stderr as
             each method starts and ends (``[3/11] if-cg done in 12.3 s: LDS ...``).
-        from_hub: use pulled repos instead of building the ground truth: a folder written by
-            ``hf-attrib hub export``/``hub pull --out`` (``dataset/`` + ``checkpoints/``) or a
-            repo id / setting name to pull. The data, the full-data (and noisy-label) models,
-            the LDS subset models ensembling methods use and the ground-truth targets come
-            from it; nothing is retrained but TracIn's trajectory.
+        pulled: use pulled repos instead of building the ground truth (``--from-hub``): what
+            :func:`hf_attrib.hub.benchmark.pull_benchmark` returns for a folder written by
+            ``hf-attrib hub export``/``hub pull --out`` or a repo id, with
+            ``ensemble_models=ensemble_models_needed(setting, methods, smoke)``. The data, the
+            full-data (and noisy-label) models, the LDS subset models ensembling methods use
+            and the ground-truth targets come from it; nothing is retrained but TracIn's
+            trajectory.
 
     Returns:
         The results (also written to ``out_dir/results.json`` and ``out_dir/results.md``).
 
     Raises:
+        KeyError: an unknown method.
         PermissionError, NotADirectoryError: ``out_dir`` cannot be written (checked first).
+        ValueError: ``pulled`` holds another setting, or another size (smoke or full).
     """
     setting = get_setting(setting) if isinstance(setting, str) else setting
     if smoke:
-        setting = _smoke(setting)
+        setting = smoke_setting(setting)
         loo_examples = min(loo_examples or 20, 20)
     methods_given = methods
-    methods = list(methods or METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise KeyError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}.")
+    methods = _checked_methods(methods)
     out = check_writable(out_dir)  # before any training
     gt_dir = out / "ground_truth"
     prep = prepare(setting, data_dir, smoke=smoke, cache_dir=out / "cache")
     setting = prep.setting
     data, model, fns, recipe = prep.data, prep.model, prep.fns, prep.recipe
     x, y = prep.x, prep.y
-    loo_index = _loo_index(setting, loo_examples)
-    pulled = None
-    if from_hub is not None:
-        from hf_attrib.hub.runner_support import use_pulled
-
-        trak = [min(int(m.split("-")[1]), len(setting.ensemble_model_ids))
-                for m in methods if m.startswith("trak-")]
-        pulled = use_pulled(prep, from_hub, max(trak, default=0))
-        x, y, data, loo_index = prep.x, prep.y, prep.data, pulled.loo_index
+    loo_ids = loo_index(setting, loo_examples)
+    if pulled is not None:
+        # The pulled data replaces the prepared one.
+        pulled.check(setting)
+        prep.data = pulled.data
+        prep.x, prep.y = split_tensors(pulled.data.train, setting.kind)
+        prep.xt, prep.yt = split_tensors(pulled.data.test, setting.kind)
+        x, y, data, loo_ids = prep.x, prep.y, prep.data, pulled.loo_index
 
     # The full-data model (for LOO it shares its random stream with the LOO models). ---------
     if pulled is not None:
         full = pulled.full
     elif "loo" in setting.metrics:
         build_ground_truth(prep, gt_dir, "loo", loo_examples=loo_examples, progress=progress)
-        full = _load(model, gt_dir, "loo-full")
+        full = load_models(model, gt_dir, "loo-full")
     else:
         _say(progress, "training the full-data model ...")
-        full = _train(model, fns["train_loss"], x, y, setting.seed, recipe)
-    full_state = _unstack(full, 0)
+        full = train_model(model, fns["train_loss"], x, y, setting.seed, recipe)
+    full_state = unstack(full, 0)
     if prep.xt is None:
         generated_test_set(prep, full_state)
     xt, yt = prep.xt, prep.yt
@@ -625,15 +513,17 @@ def run_benchmark(
         lds_models, ground_truth = pulled.lds_models, pulled.ground_truth
     else:
         build_ground_truth(prep, gt_dir, "lds", progress=progress)
-        lds_models = _load(model, gt_dir, "lds")
+        lds_models = load_models(model, gt_dir, "lds")
         masks, _ = load_subsets(gt_dir, "lds")
         gt_ids = list(setting.ground_truth_model_ids)
-        lds_values = _evaluate(model, _select(lds_models, gt_ids), xt, yt, fns["target"])
+        lds_values = evaluate_models(model, select_models(lds_models, gt_ids), xt, yt,
+                                     fns["target"])
         ground_truth = {"lds": (lds_values, masks[gt_ids])}
     if "loo" in setting.metrics and pulled is None:
-        ground_truth["loo"] = (_evaluate(model, _load(model, gt_dir, "loo"), xt, yt, fns["target"]),
-                               torch.tensor(loo_index),
-                               _evaluate(model, full, xt, yt, fns["target"])[0])
+        ground_truth["loo"] = (evaluate_models(model, load_models(model, gt_dir, "loo"), xt, yt,
+                                               fns["target"]),
+                               torch.tensor(loo_ids),
+                               evaluate_models(model, full, xt, yt, fns["target"])[0])
     # TracInCP's checkpoints along one training run (trained only when TracIn is run).
     trajectory: list[dict[str, Tensor]] = []
     if "tracin" in methods:
@@ -646,15 +536,16 @@ def run_benchmark(
             noisy = pulled.noisy
         else:
             _say(progress, "training the noisy-label model (for AUC) ...")
-            noisy = _train(model, fns["train_loss"], xn, yn, setting.seed, recipe)
-        noisy_state = (_unstack(noisy, 0), DataLoader(TensorDataset(xn, yn), batch_size=250))
+            noisy = train_model(model, fns["train_loss"], xn, yn, setting.seed, recipe)
+        noisy_state = (unstack(noisy, 0), DataLoader(TensorDataset(xn, yn), batch_size=250))
 
     # Methods. ---------------------------------------------------------------------------
     batch = 250 if setting.kind == "classification" else 32
     train_loader = DataLoader(TensorDataset(x, y), batch_size=batch)
     test_loader = DataLoader(TensorDataset(xt, yt), batch_size=batch)
     if methods_given is None and setting.kind == "generation":
-        methods = [m for m in methods if m != "rps"]  # RPS needs a classification head
+        methods = [m for m in methods
+                   if not get_method(_family(m)).needs_classification_head]
     rows = []
     _say(progress, f"methods: {len(methods)} on {len(x)} training / {len(xt)} test examples"
                    f"{' (hyperparameter search)' if search else ''}")
@@ -673,7 +564,7 @@ def run_benchmark(
     results = {
         "setting": setting.name, "smoke": smoke, "search": search,
         "n_train": setting.n_train, "n_test": setting.n_test,
-        "loo_examples": len(loo_index) if "loo" in setting.metrics else 0,
+        "loo_examples": len(loo_ids) if "loo" in setting.metrics else 0,
         "device": device, "hf_attrib_version": __version__, "methods": rows,
     }
     if pulled is not None:
@@ -694,8 +585,9 @@ def _trajectory(model: nn.Module, fns: dict[str, Callable[..., Tensor]], x: Tens
     for i in range(k):
         epochs = per if i < k - 1 else setting.train.epochs - per * (k - 1)
         start = states[-1] if states else None
-        states.append(_unstack(_train(model, fns["train_loss"], x, y, setting.seed + 1000 + i,
-                                      recipe, start=start, epochs=epochs), 0))
+        states.append(unstack(train_model(model, fns["train_loss"], x, y,
+                                          setting.seed + 1000 + i, recipe, start=start,
+                                          epochs=epochs), 0))
     return states
 
 
@@ -711,7 +603,7 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
         checkpoints = trajectory
     elif method.startswith("trak-"):
         k = min(int(method.split("-")[1]), len(setting.ensemble_model_ids))
-        checkpoints = [_unstack(lds_models, i) for i in range(k)]
+        checkpoints = [unstack(lds_models, i) for i in range(k)]
     else:
         checkpoints = [full_state]
     task = AttributionTask(loss_func=fns["loss"], model=model, checkpoints=checkpoints,
@@ -758,3 +650,4 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
     best = max(ok, key=lambda t: t.get("lds", float("-inf")))
     row.update(params=best["params"], seconds=best["seconds"], peak_rss_mb=best["peak_rss_mb"])
     return row
+

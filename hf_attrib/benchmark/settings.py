@@ -2,15 +2,16 @@
 
 A setting fixes everything that makes a benchmark number comparable: the model architecture,
 the data and its seeded train/test sample, the training recipe, the target function and the
-metrics it is evaluated with. ``get_setting("digits-lr")`` returns one; ``SETTINGS`` lists all.
+metrics it is evaluated with. ``get_setting("digits-lr")`` returns one; ``SETTINGS`` lists all;
+``smoke_setting`` shrinks one to a few seconds of work (``--smoke``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["SETTINGS", "BenchmarkSetting", "TrainConfig", "get_setting"]
+__all__ = ["SETTINGS", "BenchmarkSetting", "TrainConfig", "get_setting", "smoke_setting"]
 
 
 @dataclass(frozen=True)
@@ -175,3 +176,31 @@ def get_setting(name: str) -> BenchmarkSetting:
         raise KeyError(f"unknown benchmark setting {name!r}; known settings: {known} "
                        "(see `hf-attrib bench list`).")
     return SETTINGS[key]
+
+
+# Smoke runs shrink the data, the number of models and the architectures' widths.
+_SMOKE_MODEL = {
+    "resnet9": dict(stem_channels=8, hidden_sizes=(16, 32, 64)),
+    "music_transformer": dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=32,
+                              intermediate_size=64, max_position_embeddings=64),
+    "nanogpt": dict(n_layer=1, n_head=2, n_embd=32, block_size=32),
+}
+
+
+def smoke_setting(setting: BenchmarkSetting) -> BenchmarkSetting:
+    """The smoke-test version of a setting (``--smoke``): a pipeline check, not a benchmark.
+
+    At most 120 training and 12 test examples, 8 LDS models, 3 epochs, narrow architectures
+    and 32-token sequences.
+
+    Args:
+        setting: the setting.
+
+    Returns:
+        The shrunk setting (same name).
+    """
+    train = replace(setting.train, epochs=min(setting.train.epochs, 3))
+    model_kwargs = {**setting.model_kwargs, **_SMOKE_MODEL.get(setting.model, {})}
+    extra = {**setting.extra, "seq_len": 32} if "seq_len" in setting.extra else setting.extra
+    return replace(setting, n_train=min(setting.n_train, 120), n_test=min(setting.n_test, 12),
+                   lds_models=8, train=train, model_kwargs=model_kwargs, extra=extra)

@@ -1,6 +1,11 @@
-"""Pure functions on ``torch.func``: per-sample gradients, HVP/IHVP solvers, random projection."""
+"""Pure functions on ``torch.func``: per-sample gradients, HVP/IHVP solvers, random projection.
 
-from hf_attrib.func import hessian, projection, utils
+``hessian`` is dattri's function API (``hvp``, ``ihvp_*``, ``ihvp_at_x_*``) over two layers
+of its own: ``hvp_engine`` (Hessian-vector products within bounded memory) and ``solvers``
+(explicit, CG, LiSSA and Arnoldi on a matvec).
+"""
+
+from hf_attrib.func import hessian, hvp_engine, projection, solvers, utils
 from hf_attrib.func.hessian import (
     hvp,
     hvp_at_x,
@@ -23,6 +28,7 @@ __all__ = [
     "hessian",
     "hvp",
     "hvp_at_x",
+    "hvp_engine",
     "ihvp_arnoldi",
     "ihvp_at_x_arnoldi",
     "ihvp_at_x_cg",
@@ -35,5 +41,6 @@ __all__ = [
     "per_sample_grad",
     "projection",
     "random_project",
+    "solvers",
     "utils",
 ]

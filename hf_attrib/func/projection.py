@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hf_attrib.func.hvp_engine import flat_objective, hvp_operator
+from hf_attrib.func.solvers import arnoldi_eigen
+
 __all__ = [
     "ArnoldiProjector",
     "DenseProjector",
@@ -451,14 +454,12 @@ def arnoldi_project(
         proj_dim: number of eigenvectors kept.
         max_iter: Arnoldi iterations (at least ``proj_dim``).
     """
-    from hf_attrib.func.hessian import _flat_objective, _hvp_operator, arnoldi_eigen
-
     d = feature_dim if isinstance(feature_dim, int) else feature_dim.shape[-1]
     x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    objective, theta = _flat_objective(func, x, argnums)
+    objective, theta = flat_objective(func, x, argnums)
     if theta.numel() != d:
         raise ValueError(f"feature_dim {d} does not match the parameter size {theta.numel()}.")
-    op = _hvp_operator(objective, theta, mode)
+    op = hvp_operator(objective, theta, mode)
     evals, evecs = arnoldi_eigen(
         lambda v: op(v) / norm_constant, d, max_iter=max(max_iter, proj_dim), top_k=proj_dim,
         tol=tol, seed=seed, dtype=theta.dtype, device=theta.device,

@@ -26,7 +26,8 @@ from hf_attrib.hub.layout import (
 
 _LAZY = {
     "Benchmark": "benchmark", "GroundTruth": "benchmark", "load_benchmark": "benchmark",
-    "read_checkpoints": "benchmark", "read_ground_truth": "benchmark",
+    "pull_benchmark": "benchmark", "read_checkpoints": "benchmark",
+    "read_ground_truth": "benchmark",
     "read_splits": "benchmark", "read_state": "benchmark",
     "ExportResult": "export", "export": "export",
     "PullResult": "transfer", "pull": "transfer", "push": "transfer",
@@ -51,6 +52,7 @@ __all__ = [
     "export",
     "load_benchmark",
     "pull",
+    "pull_benchmark",
     "push",
     "push_results",
     "read_checkpoints",

@@ -1,4 +1,6 @@
-"""Read pulled (or exported) repos back: ground truth, checkpoints, data; ``load_benchmark``.
+"""Read pulled (or exported) repos back: ground truth, checkpoints, data; ``load_benchmark``
+(a setting's model, loaders and ground truth in one object) and ``pull_benchmark`` (what
+``hf-attrib bench run --from-hub`` hands the runner).
 
 Every file is read through :func:`~hf_attrib.hub.layout.verified_path`: only files the index
 names, inside the repo folder, matching their recorded sha256.
@@ -8,26 +10,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hf_attrib.benchmark.data import split_tensors
 from hf_attrib.hub.errors import HubNotFoundError
-from hf_attrib.hub.layout import (
-    BUFFER_PREFIX,
-    DEFAULT_ORG,
-    MODEL_IDS_KEY,
-    read_index,
-    verified_path,
-)
+from hf_attrib.hub.layout import DEFAULT_ORG, read_index, verified_path
+from hf_attrib.model_utils.block_store import merge_stacked, parse_model_range
 
-__all__ = ["Benchmark", "GroundTruth", "load_benchmark", "read_checkpoints",
-           "read_ground_truth", "read_splits", "read_state", "resolve_folders"]
+if TYPE_CHECKING:  # imported when called: it loads the benchmark models (transformers)
+    from hf_attrib.benchmark.pulled import PulledBenchmark
+
+# split_tensors: re-exported from hf_attrib.benchmark.data (its home).
+__all__ = ["Benchmark", "GroundTruth", "load_benchmark", "pull_benchmark", "read_checkpoints",
+           "read_ground_truth", "read_splits", "read_state", "resolve_folders",
+           "split_tensors"]
 
 
 @dataclass
@@ -103,30 +105,22 @@ def read_checkpoints(ckpt_dir: str | Path, kind: str, models: Any = None
                      ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
     """Stacked ``(params, buffers, model_ids)`` of ``kind`` from the shards on disk.
 
-    Only the shards holding ``models`` (``"a:b"``; default all) are read; a needed shard that
-    was not pulled is an error naming the ``hub pull`` that fetches it.
+    Only the shards holding ``models`` (``"a:b"``, see
+    :func:`~hf_attrib.model_utils.block_store.parse_model_range`; default all) are read; a
+    needed shard that was not pulled is an error naming the ``hub pull`` that fetches it.
     """
-    from hf_attrib.hub.transfer import _parse_models, shards_for
+    from hf_attrib.hub.transfer import shards_for
 
     folder = Path(ckpt_dir)
     index = read_index(folder)
     files = shards_for(index, kind, models)
-    rng = _parse_models(models)
-    parts: dict[str, list[Tensor]] = {}
     spec = f" --models {models}" if models is not None else ""
+    shards = []
     for name in files:
         path = _need(folder, index, name, f"checkpoints{spec}")
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                parts.setdefault(key, []).append(f.get_tensor(key))
-    stacked = {k: torch.cat(v) for k, v in parts.items()}
-    ids = stacked.pop(MODEL_IDS_KEY)
-    keep = torch.ones_like(ids, dtype=torch.bool) if rng is None else (
-        (ids >= rng[0]) & (ids < rng[1]))
-    params = {k: v[keep] for k, v in stacked.items() if not k.startswith(BUFFER_PREFIX)}
-    buffers = {k[len(BUFFER_PREFIX):]: v[keep] for k, v in stacked.items()
-               if k.startswith(BUFFER_PREFIX)}
-    return params, buffers, ids[keep]
+        with safe_open(str(path), framework="pt") as f:  # no __iter__: keys() it is
+            shards.append({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
+    return merge_stacked(shards, None if models is None else parse_model_range(models))
 
 
 def read_state(ckpt_dir: str | Path, kind: str = "full") -> dict[str, Tensor]:
@@ -214,14 +208,6 @@ class Benchmark:
         return {k: v[row].clone() for k, v in {**params, **buffers}.items()}
 
 
-def split_tensors(split: datasets.Dataset, kind: str) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` tensors of a split of a classification or generation setting."""
-    columns = split.with_format("torch")[:]
-    if kind == "classification":
-        return columns["pixel_values"].float(), columns["label"].long()
-    return columns["input_ids"].long(), columns["labels"].long()
-
-
 def load_benchmark(setting: str, source: str | Path | None = None, *,
                    models: Any = None, kinds: tuple[str, ...] = ("lds", "loo"),
                    batch_size: int | None = None, endpoint: str | None = None,
@@ -239,8 +225,8 @@ def load_benchmark(setting: str, source: str | Path | None = None, *,
         endpoint, revision, token, cache_dir: Hub access when ``source`` is not a folder.
         org: organisation of the default repos.
     """
-    from hf_attrib.benchmark import runner
-    from hf_attrib.benchmark.settings import get_setting
+    from hf_attrib.benchmark.builders import build_model, load_state, setting_functions
+    from hf_attrib.benchmark.settings import get_setting, smoke_setting
 
     base = get_setting(setting)
     ds_dir, ck_dir = resolve_folders(source or base.name, what=("data", "ground-truth",
@@ -252,7 +238,7 @@ def load_benchmark(setting: str, source: str | Path | None = None, *,
     gt = read_ground_truth(ds_dir)
     if gt.meta.get("setting") != base.name:
         raise ValueError(f"{ds_dir} holds setting {gt.meta.get('setting')!r}, not {base.name!r}.")
-    s = runner._smoke(base) if gt.meta.get("smoke") else base
+    s = smoke_setting(base) if gt.meta.get("smoke") else base
     s = type(s)(**{**s.__dict__, "n_train": gt.meta["n_train"], "n_test": gt.meta["n_test"]})
     splits = read_splits(ds_dir)
     x, y = split_tensors(splits["train"], s.kind)
@@ -263,11 +249,10 @@ def load_benchmark(setting: str, source: str | Path | None = None, *,
 
         config = _need(ck_dir, read_index(ck_dir), "config.json", "checkpoints")
         vocab = json.loads(config.read_text()).get("vocab_size")
-    model = runner.build_model(s, vocab)
+    model = build_model(s, vocab)
     full_state = read_state(ck_dir, "full")
-    runner._load_state(model, full_state)
-    fns = (runner.classification_functions(model) if s.kind == "classification"
-           else runner.generation_functions(model))
+    load_state(model, full_state)
+    fns = setting_functions(s, model)
     index = read_index(ck_dir)
     checkpoints = {k: read_checkpoints(ck_dir, k, models) for k in kinds
                    if k in index.get("kinds", {})}
@@ -279,3 +264,63 @@ def load_benchmark(setting: str, source: str | Path | None = None, *,
         loss_func=fns["loss"], target_func=fns["margin"], functions=fns,
         checkpoints=checkpoints, full_state=full_state, ground_truth=gt,
         dataset_dir=ds_dir, checkpoints_dir=ck_dir)
+
+
+def pull_benchmark(source: str | Path, *, ensemble_models: int = 0,
+                   endpoint: str | None = None, revision: str | None = None,
+                   token: str | None = None, org: str = DEFAULT_ORG,
+                   cache_dir: str | Path | None = None) -> PulledBenchmark:
+    """What ``run_benchmark(..., pulled=...)`` takes from a setting's repos instead of building
+    it: the data splits, the full-data (and noisy-label) models, the first LDS models and the
+    ground truth (``hf-attrib bench run --from-hub``).
+
+    Args:
+        source: a local folder (``hub export`` / ``hub pull --out``: ``dataset/`` and
+            ``checkpoints/``) or a repo id / setting name to pull.
+        ensemble_models: LDS models ``0..k-1`` needed by ensembling methods (TRAK-k; see
+            :func:`hf_attrib.benchmark.runner.ensemble_models_needed`); only the checkpoint
+            shards holding them are pulled.
+        endpoint, revision, token, cache_dir: Hub access when ``source`` is not a folder.
+        org: organisation of a setting name's repos.
+
+    Returns:
+        The :class:`~hf_attrib.benchmark.pulled.PulledBenchmark`; the runner checks that it
+        fits the setting it runs.
+
+    Raises:
+        FileNotFoundError: ``source`` lacks the dataset or the checkpoint repo.
+        ValueError: LDS models ``0..k-1`` are not all there.
+    """
+    from hf_attrib.benchmark.data import BenchmarkData
+    from hf_attrib.benchmark.pulled import PulledBenchmark
+
+    models = f"0:{ensemble_models}" if ensemble_models else None
+    ds_dir, ck_dir = resolve_folders(source, what=("data", "ground-truth", "checkpoints"),
+                                     models=models, endpoint=endpoint, revision=revision,
+                                     token=token, org=org, cache_dir=cache_dir)
+    if ds_dir is None or ck_dir is None:
+        raise FileNotFoundError(f"{source} must hold both the dataset and the checkpoint repo "
+                                "(pull both: `hf-attrib hub pull SETTING --out DIR`).")
+    gt = read_ground_truth(ds_dir)
+    splits = read_splits(ds_dir)
+    data = BenchmarkData(train=splits["train"], test=splits["test"],
+                         noisy_train=splits.get("noisy_train"), noisy_indices=gt.noisy_indices)
+    full = ({k: v[None] for k, v in read_state(ck_dir, "full").items()}, {})
+    noisy = None
+    if "noisy" in read_index(ck_dir).get("kinds", {}):
+        noisy = ({k: v[None] for k, v in read_state(ck_dir, "noisy").items()}, {})
+    lds_models: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
+    if ensemble_models:
+        params, buffers, ids = read_checkpoints(ck_dir, "lds", models)
+        if ids.tolist() != list(range(ensemble_models)):
+            raise ValueError(f"{ck_dir}: LDS models 0..{ensemble_models - 1} are needed, found "
+                             f"{ids.tolist()}.")
+        lds_models = (params, buffers)
+    ground_truth: dict[str, Any] = {"lds": gt.lds()}
+    loo = gt.loo()
+    if loo is not None:
+        ground_truth["loo"] = loo
+    loo_index = gt.loo_indices.tolist() if gt.loo_indices is not None else []
+    return PulledBenchmark(data=data, full=full, lds_models=lds_models,
+                           ground_truth=ground_truth, noisy=noisy, loo_index=loo_index,
+                           meta=gt.meta, source=str(source))

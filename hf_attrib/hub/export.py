@@ -22,18 +22,24 @@ from torch import Tensor
 
 from hf_attrib import __version__
 from hf_attrib.benchmark import runner
+from hf_attrib.benchmark.builders import load_state
 from hf_attrib.benchmark.data import BenchmarkData
 from hf_attrib.benchmark.settings import BenchmarkSetting
+from hf_attrib.benchmark.stacked import (
+    evaluate_models,
+    load_models,
+    persistent,
+    train_model,
+    unstack,
+)
 from hf_attrib.hub.cards import checkpoints_card, dataset_card
 from hf_attrib.hub.errors import HubPathError
 from hf_attrib.hub.layout import (
-    BUFFER_PREFIX,
     CHECKPOINTS_FORMAT,
     DEFAULT_ORG,
     GROUND_TRUTH_FORMAT,
     INDEX_FILE,
     INDEX_FORMAT,
-    MODEL_IDS_KEY,
     check_folder,
     checkpoints_repo_id,
     dataset_repo_id,
@@ -41,9 +47,9 @@ from hf_attrib.hub.layout import (
     save_safetensors,
     shard_name,
 )
-from hf_attrib.model_utils.retraining import load_subsets
+from hf_attrib.model_utils.block_store import load_stacked, load_subsets, stacked_tensors
 
-__all__ = ["ExportResult", "export"]
+__all__ = ["ExportResult", "export", "split_from_tensors"]
 
 _SHARD_BYTES = 256 * 2**20
 
@@ -65,7 +71,7 @@ class ExportResult:
     checkpoints_repo_id: str
 
 
-def _split_from_tensors(x: Tensor, y: Tensor, kind: str) -> datasets.Dataset:
+def split_from_tensors(x: Tensor, y: Tensor, kind: str) -> datasets.Dataset:
     if kind == "classification":
         return datasets.Dataset.from_dict({"pixel_values": x.float().tolist(),
                                            "label": y.long().tolist()})
@@ -74,19 +80,16 @@ def _split_from_tensors(x: Tensor, y: Tensor, kind: str) -> datasets.Dataset:
 
 
 def _write_shards(folder: Path, kind: str, params: dict[str, Tensor],
-                  buffers: dict[str, Tensor], ids: Tensor, per_shard: int,
-                  extra: dict[str, Tensor] | None = None) -> list[dict[str, Any]]:
-    """Stacked parameters as shards of ``per_shard`` consecutive models."""
+                  buffers: dict[str, Tensor], ids: Tensor, per_shard: int
+                  ) -> list[dict[str, Any]]:
+    """Stacked parameters as shards of ``per_shard`` consecutive models (the block format's
+    keys for parameters, buffers and model ids: :func:`.stacked_tensors`)."""
     count = max(1, -(-ids.numel() // per_shard))
     shards = []
     for i in range(count):
         lo, hi = i * per_shard, min((i + 1) * per_shard, ids.numel())
-        tensors = {name: t[lo:hi].contiguous() for name, t in params.items()}
-        tensors.update({BUFFER_PREFIX + name: t[lo:hi].contiguous()
-                        for name, t in buffers.items()})
-        tensors[MODEL_IDS_KEY] = ids[lo:hi].to(torch.int64).contiguous()
-        for name, t in (extra or {}).items():
-            tensors[name] = t[lo:hi].contiguous()
+        tensors = stacked_tensors({name: t[lo:hi] for name, t in params.items()}, ids[lo:hi],
+                                  {name: t[lo:hi] for name, t in buffers.items()})
         rel = shard_name(kind, i, count)
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         save_safetensors(tensors, str(folder / rel), metadata={
@@ -152,24 +155,24 @@ def export(
         prep.block_size = block_size
     prep.model.to(device)
     s, model, fns = prep.setting, prep.model, prep.fns
-    loo_index = runner._loo_index(s, loo_examples)
+    loo_index = runner.loo_index(s, loo_examples)
 
     # Ground truth: build what is missing (resumable), reuse what is there. ---------------
     if "loo" in s.metrics:
         runner.build_ground_truth(prep, gt, "loo", loo_examples=loo_examples, progress=progress)
-        full = runner._load(model, gt, "loo-full")
+        full = load_models(model, gt, "loo-full")
     else:
-        full = runner._train(model, fns["train_loss"], prep.x, prep.y, s.seed, prep.recipe)
-    full_state = runner._unstack(full, 0)
+        full = train_model(model, fns["train_loss"], prep.x, prep.y, s.seed, prep.recipe)
+    full_state = unstack(full, 0)
     if prep.xt is None:
         runner.generated_test_set(prep, full_state)
     runner.build_ground_truth(prep, gt, "lds", progress=progress)
-    lds_params, lds_buffers, lds_ids = runner.load_stacked(gt, "lds", with_buffers=True)
-    lds_params, lds_buffers = runner._persistent(model, lds_params, lds_buffers)
+    lds_params, lds_buffers, lds_ids = load_stacked(gt, "lds", with_buffers=True)
+    lds_params, lds_buffers = persistent(model, lds_params, lds_buffers)
     masks, mask_ids = load_subsets(gt, "lds")
     if not torch.equal(mask_ids, lds_ids):
         raise ValueError(f"{gt}/lds: subsets and models disagree on the model ids.")
-    lds_targets = runner._evaluate(model, (lds_params, lds_buffers), prep.xt, prep.yt,
+    lds_targets = evaluate_models(model, (lds_params, lds_buffers), prep.xt, prep.yt,
                                    fns["target"])
 
     dataset_dir, ckpt_dir = out / "dataset", out / "checkpoints"
@@ -193,8 +196,8 @@ def export(
 
     # Dataset repo: parquet splits + ground truth. ----------------------------------------
     splits = {"train": prep.data.train if s.kind == "classification"
-              else _split_from_tensors(prep.x, prep.y, s.kind),
-              "test": _split_from_tensors(prep.xt, prep.yt, s.kind)}
+              else split_from_tensors(prep.x, prep.y, s.kind),
+              "test": split_from_tensors(prep.xt, prep.yt, s.kind)}
     if prep.data.noisy_train is not None:
         splits["noisy_train"] = prep.data.noisy_train
     (dataset_dir / "data").mkdir()
@@ -211,11 +214,11 @@ def export(
               str(dataset_dir / "ground_truth" / "lds.safetensors"), metadata={**meta,
                                                                               "kind": "lds"})
     if "loo" in s.metrics:
-        loo_params, loo_buffers, loo_ids = runner.load_stacked(gt, "loo", with_buffers=True)
-        loo_params, loo_buffers = runner._persistent(model, loo_params, loo_buffers)
-        loo_targets = runner._evaluate(model, (loo_params, loo_buffers), prep.xt, prep.yt,
+        loo_params, loo_buffers, loo_ids = load_stacked(gt, "loo", with_buffers=True)
+        loo_params, loo_buffers = persistent(model, loo_params, loo_buffers)
+        loo_targets = evaluate_models(model, (loo_params, loo_buffers), prep.xt, prep.yt,
                                        fns["target"])
-        full_targets = runner._evaluate(model, full, prep.xt, prep.yt, fns["target"])[0]
+        full_targets = evaluate_models(model, full, prep.xt, prep.yt, fns["target"])[0]
         save_safetensors({"indices": torch.tensor(loo_index, dtype=torch.int64),
                    "targets": loo_targets.float().contiguous(),
                    "full_targets": full_targets.float().contiguous()},
@@ -229,12 +232,12 @@ def export(
                   str(dataset_dir / "ground_truth" / "noisy_labels.safetensors"),
                   metadata={**meta, "kind": "noisy_labels"})
         xn, _ = BenchmarkData.tensors(prep.data.noisy_train)
-        noisy_state = runner._unstack(
-            runner._train(model, fns["train_loss"], xn, yn, s.seed, prep.recipe), 0)
+        noisy_state = unstack(
+            train_model(model, fns["train_loss"], xn, yn, s.seed, prep.recipe), 0)
 
     # Checkpoint repo: full-data model (from_pretrained), stacked shards. -----------------
     full_model = copy.deepcopy(model)
-    runner._load_state(full_model, full_state)
+    load_state(full_model, full_state)
     full_model.save_pretrained(str(ckpt_dir), safe_serialization=True)
     kinds: dict[str, Any] = {"full": {"file": "model.safetensors", "num_models": 1}}
     per = _models_per_shard(lds_params, lds_buffers, shard_models, shard_bytes)

@@ -43,9 +43,19 @@ INDEX_FORMAT = "hf-attrib-index/1"
 CHECKPOINTS_FORMAT = "hf-attrib-checkpoints/1"
 GROUND_TRUTH_FORMAT = "hf-attrib-ground-truth/1"
 RESULTS_FORMAT = "hf-attrib-results/1"
-MODEL_IDS_KEY = "__model_ids__"
-BUFFER_PREFIX = "__buffer__."
 CHECKPOINTS_SUFFIX = "-checkpoints"
+# The keys inside checkpoint shards (MODEL_IDS_KEY, BUFFER_PREFIX) are the block format's:
+# hf_attrib.model_utils.block_store is their home. They stay importable from here, loaded on
+# first use (this module is imported by `hf-attrib --help`, which must not import torch).
+_BLOCK_FORMAT_NAMES = ("BUFFER_PREFIX", "MODEL_IDS_KEY")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BLOCK_FORMAT_NAMES:
+        from hf_attrib.model_utils import block_store
+
+        return getattr(block_store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def setting_slug(name: str) -> str:

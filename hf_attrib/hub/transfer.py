@@ -272,22 +272,6 @@ def resolve_repos(setting_or_repo: str, org: str = DEFAULT_ORG) -> tuple[str, st
     return setting_or_repo, setting_or_repo + CHECKPOINTS_SUFFIX
 
 
-def _parse_models(models: Any) -> tuple[int, int] | None:
-    if models is None:
-        return None
-    if isinstance(models, str):
-        a, sep, b = models.partition(":")
-        if not sep:
-            raise ValueError(f"models must look like 'a:b', got {models!r}.")
-        return int(a or 0), int(b) if b else 1 << 62
-    if isinstance(models, slice):
-        if models.step not in (None, 1):
-            raise ValueError("models must be a contiguous range (step 1).")
-        return models.start or 0, models.stop if models.stop is not None else 1 << 62
-    a, b = models
-    return int(a), int(b)
-
-
 def shards_for(index: dict[str, Any], kind: str, models: Any = None) -> list[str]:
     """Shard files of ``kind`` holding any model id in ``models`` (``a:b``; default all)."""
     entry = index.get("kinds", {}).get(kind)
@@ -296,10 +280,12 @@ def shards_for(index: dict[str, Any], kind: str, models: Any = None) -> list[str
                                f"{sorted(index.get('kinds', {}))}).")
     if "file" in entry:
         return [entry["file"]]
-    rng = _parse_models(models)
-    if rng is None:
+    if models is None:
         return [sh["file"] for sh in entry["shards"]]
-    a, b = rng
+    # Imported here, where a range is given: push, and pull without --models, stay torch-free.
+    from hf_attrib.model_utils.block_store import parse_model_range
+
+    a, b = parse_model_range(models)
     if not 0 <= a < b or a >= entry["num_models"]:
         raise ValueError(f"models {a}:{b} outside the {entry['num_models']} {kind} models.")
     return [sh["file"] for sh in entry["shards"] if sh["start"] < b and sh["stop"] > a]

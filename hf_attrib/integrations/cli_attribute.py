@@ -8,8 +8,9 @@ DATASET arguments are a ``Dataset.save_to_disk`` folder, a data file (``.json``,
 as safetensors (``scores``; metadata ``n_train``, ``n_test``, ``method``, ...) and a report
 lists the most helpful (highest positive scores: including the example raises the target) and
 most harmful (lowest negative scores) training examples for each test example. Method options
-not given take ``METHOD_DEFAULTS``, the defaults of ``task.attributor(method)`` in Python, so
-both give the same scores. Only safetensors weights are loaded unless ``--allow-pickle``.
+not given take the method registry's defaults (``hf_attrib.algorithm.get_method(name)
+.defaults``), as ``task.attributor(method)`` in Python does, so both give the same scores.
+Only safetensors weights are loaded unless ``--allow-pickle``.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def report(scores: Any, train: Any, test: Any, processor: Any = None,
 
 
 def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The options given on the command line; everything else comes from
-    ``METHOD_DEFAULTS``, as for ``task.attributor(method)``."""
+    """The options given on the command line; everything else comes from the registry's
+    defaults, as for ``task.attributor(method)``."""
     kwargs: dict[str, Any] = {}
     method = args.method
     if method in ("trak", "tracin", "grad-dot", "grad-cos") and args.proj_dim is not None:
@@ -210,8 +211,8 @@ def _attribute(args: argparse.Namespace) -> int:
 
 def add_attribute_parser(commands: argparse._SubParsersAction) -> None:
     """Add the ``attribute`` subcommand to the ``hf-attrib`` parser."""
-    from hf_attrib.algorithm import IFAttributorArnoldi
-    from hf_attrib.integrations.transformers import _METHODS, METHOD_DEFAULTS, TASK_KINDS
+    from hf_attrib.algorithm import get_method, method_names
+    from hf_attrib.integrations.transformers import TASK_KINDS
 
     p = commands.add_parser("attribute", help="attribute a transformers model's predictions "
                             "to its training examples")
@@ -223,7 +224,7 @@ def add_attribute_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--test", required=True, help="as --train")
     p.add_argument("--train-split", help="split of --train (default: train / the only one)")
     p.add_argument("--test-split", help="split of --test (default: test / the only one)")
-    p.add_argument("--method", default="trak", choices=list(_METHODS),
+    p.add_argument("--method", default="trak", choices=list(method_names()),
                    help="attribution method (default: trak); unset options take the same "
                         "defaults as task.attributor(method) in Python")
     p.add_argument("--layers", help="last:N, trainable, or comma-separated module names "
@@ -237,8 +238,8 @@ def add_attribute_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-test", type=int, help="use the first N test examples")
     p.add_argument("--batch-size", type=int, default=8,
                    help="examples per batch (default: 8)")
-    trak, if_cg = METHOD_DEFAULTS["trak"], METHOD_DEFAULTS["if-cg"]
-    rps, arnoldi = METHOD_DEFAULTS["rps"], inspect.signature(IFAttributorArnoldi).parameters
+    trak, if_cg, rps = (get_method(name).defaults for name in ("trak", "if-cg", "rps"))
+    arnoldi = inspect.signature(get_method("if-arnoldi").attributor_class).parameters
     p.add_argument("--proj-dim", type=int,
                    help="random projection size for trak/tracin/grad-dot/grad-cos (default: "
                         f"{trak['projector_kwargs']['proj_dim']} for trak, none for the others; "

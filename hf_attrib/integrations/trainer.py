@@ -32,6 +32,7 @@ __all__ = [
     "CALLBACK_FILE",
     "TracInCheckpointCallback",
     "TrainerCheckpoints",
+    "checkpoint_folders",
     "is_trainer_output_dir",
     "trainer_checkpoints",
 ]
@@ -40,7 +41,9 @@ CALLBACK_FILE = "hf_attrib_tracin.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
+def checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of each ``checkpoint-<step>`` sub-folder of a Trainer ``output_dir``,
+    in step order."""
     found = []
     for child in output_dir.iterdir():
         match = _CHECKPOINT.match(child.name)
@@ -52,7 +55,7 @@ def _checkpoint_folders(output_dir: Path) -> list[tuple[int, Path]]:
 def is_trainer_output_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder holding ``checkpoint-<step>`` sub-folders."""
     path = Path(path)
-    return path.is_dir() and bool(_checkpoint_folders(path))
+    return path.is_dir() and bool(checkpoint_folders(path))
 
 
 @dataclass
@@ -102,7 +105,7 @@ def trainer_checkpoints(output_dir: str | os.PathLike, weights: str = "lr"
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise FileNotFoundError(f"Trainer output_dir {output_dir} does not exist.")
-    folders = _checkpoint_folders(output_dir)
+    folders = checkpoint_folders(output_dir)
     if not folders:
         raise ValueError(
             f"{output_dir} has no checkpoint-<step> folders; train with save_strategy='steps' "

@@ -27,6 +27,11 @@ helpful examples score positive. TRAK's ``Q = 1 - p`` uses the correct-class pro
 classification; for language models the log-likelihood target has ``dL/df = -1`` (no ``Q``).
 
 Remote code is never run unless ``trust_remote_code=True`` is passed.
+
+Where the pieces live: the task kinds in :mod:`hf_attrib.integrations.task_kinds`, the
+loaders and collators in :mod:`hf_attrib.integrations.data` (``dataloader_from_dataset`` and
+``TASK_KINDS`` are re-exported here), the margin / log-likelihood math in
+:mod:`hf_attrib.func.targets`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from hf_attrib.algorithm import Attributor, get_method, make_attributor, method_names
+from hf_attrib.func.targets import (
+    correct_class_log_prob,
+    correct_class_margin,
+    correct_class_probability,
+    masked_mean,
+    token_log_likelihood,
+)
+from hf_attrib.integrations.data import dataloader_from_dataset
+from hf_attrib.integrations.task_kinds import MODEL_INPUTS, TASK_KINDS, TaskKind, task_kind
 from hf_attrib.task import AttributionTask, use_eager_attention
 
 __all__ = [
@@ -57,46 +71,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class _Kind:
-    auto_class: str
-    mapping: str
-    suffixes: tuple[str, ...]
-    classification: bool  # one label per example (RPS applies)
-    token_level: bool     # logits per position
-
-
-TASK_KINDS: dict[str, _Kind] = {
-    "causal-lm": _Kind("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-                       ("ForCausalLM", "LMHeadModel"), False, True),
-    "masked-lm": _Kind("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
-                       ("ForMaskedLM",), False, True),
-    "sequence-classification": _Kind(
-        "AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-        ("ForSequenceClassification",), True, False),
-    "token-classification": _Kind(
-        "AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-        ("ForTokenClassification",), False, True),
-    "image-classification": _Kind(
-        "AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
-        ("ForImageClassification",), True, False),
-}
-
-# Forward arguments a batch may carry (``labels`` are never passed: losses are computed here).
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids",
-                 "pixel_values", "pixel_mask", "inputs_embeds", "bbox")
-
-
 # --------------------------------------------------------------------------------------------
 # Task kinds and loading
 # --------------------------------------------------------------------------------------------
-def _kind(task: str) -> _Kind:
-    if task not in TASK_KINDS:
-        raise ValueError(f"unknown task kind {task!r}; choose one of {', '.join(TASK_KINDS)}.")
-    return TASK_KINDS[task]
-
-
-def _class_names(kind: _Kind) -> set[str]:
+def _class_names(kind: TaskKind) -> set[str]:
     from transformers.models.auto import modeling_auto
 
     names: set[str] = set()
@@ -105,7 +83,7 @@ def _class_names(kind: _Kind) -> set[str]:
     return names
 
 
-def _matches(class_name: str, kind: _Kind) -> bool:
+def _matches(class_name: str, kind: TaskKind) -> bool:
     return class_name in _class_names(kind) or class_name.endswith(kind.suffixes)
 
 
@@ -137,7 +115,7 @@ def _is_peft(model: nn.Module) -> bool:
 
 def check_task_kind(model: nn.Module, task: str) -> None:
     """Raise a ``ValueError`` when ``model``'s class has no head for task kind ``task``."""
-    kind = _kind(task)
+    kind = task_kind(task)
     name = type(_base_model(model)).__name__
     if not _matches(name, kind):
         raise _mismatch(name, task, "the model")
@@ -157,7 +135,7 @@ def load_pretrained(model_id: str | os.PathLike, task: str, trust_remote_code: b
     import transformers
     from transformers import AutoConfig
 
-    kind = _kind(task)
+    kind = task_kind(task)
     model_id = os.fspath(model_id)
     adapter_config = Path(model_id) / "adapter_config.json"
     if adapter_config.is_file():
@@ -386,32 +364,6 @@ def _require_labels(batch: Mapping[str, Tensor], task: str) -> Tensor:
     return batch["labels"]
 
 
-def _token_logprobs(logits: Tensor, labels: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
-    """``(log p(label), valid mask)`` per position; ``-100`` labels are masked."""
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    logits = logits.float()
-    mask = labels != -100
-    picked = logits.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-    return picked - torch.logsumexp(logits, dim=-1), mask
-
-
-def _class_terms(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per position: ``(log p, margin log p/(1-p), p)`` of the labelled class."""
-    logits = logits.float()
-    idx = labels.clamp_min(0)[..., None]
-    true = logits.gather(-1, idx)[..., 0]
-    logp = true - torch.logsumexp(logits, dim=-1)
-    others = logits.scatter(-1, idx, float("-inf"))
-    margin = true - torch.logsumexp(others, dim=-1)
-    return logp, margin, logp.exp()
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Per-example mean over valid positions ``[B]`` (0 for an example without any)."""
-    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1)
-
-
 class _Functions:
     """Loss, target and correct-class probability of one task kind, on dict batches."""
 
@@ -438,7 +390,7 @@ class _Functions:
 
     def inputs(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         inputs = {k: v for k, v in batch.items() if k != "labels" and (
-            k in self._accepts or (self._accepts_any and k in _MODEL_INPUTS))}
+            k in self._accepts or (self._accepts_any and k in MODEL_INPUTS))}
         mask = inputs.get("attention_mask")
         if (self.task == "causal-lm" and mask is not None and mask.dim() == 2
                 and "position_ids" not in inputs and self._takes("position_ids")):
@@ -451,7 +403,7 @@ class _Functions:
         return inputs
 
     def _takes(self, name: str) -> bool:
-        return name in self._accepts or (self._accepts_any and name in _MODEL_INPUTS)
+        return name in self._accepts or (self._accepts_any and name in MODEL_INPUTS)
 
     def logits(self, params: dict[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         out = torch.func.functional_call(self.model, params, (), self.inputs(batch))
@@ -461,21 +413,24 @@ class _Functions:
     def per_example(self, params: dict[str, Tensor], batch: Mapping[str, Tensor]
                     ) -> dict[str, Tensor]:
         labels = _require_labels(batch, self.task)
-        logits = self.logits(params, batch)
+        # float32 math also for half-precision models (the terms: hf_attrib.func.targets)
+        logits = self.logits(params, batch).float()
         if self.task in ("causal-lm", "masked-lm"):
-            logp, mask = _token_logprobs(logits, labels, shift=self.task == "causal-lm")
+            logp, mask = token_log_likelihood(logits, labels, shift=self.task == "causal-lm")
             attention = batch.get("attention_mask")
             if self.task == "causal-lm" and attention is not None and attention.dim() == 2:
                 # A token is predicted from the position before it; after left padding the
                 # first real token would be "predicted" from a padding position, a term the
                 # unpadded sequence does not have.
                 mask = mask & attention[:, :-1].bool()
-            return {"loss": -_masked_mean(logp, mask), "target": (logp * mask).sum(-1)}
-        logp, margin, prob = _class_terms(logits, labels)
+            return {"loss": -masked_mean(logp, mask), "target": (logp * mask).sum(-1)}
+        logp = correct_class_log_prob(logits, labels)
+        margin = correct_class_margin(logits, labels)
+        prob = correct_class_probability(logits, labels)
         if self.task == "token-classification":
             mask = labels != -100
-            return {"loss": -_masked_mean(logp, mask), "target": _masked_mean(margin, mask),
-                    "prob": _masked_mean(prob, mask)}
+            return {"loss": -masked_mean(logp, mask), "target": masked_mean(margin, mask),
+                    "prob": masked_mean(prob, mask)}
         return {"loss": -logp, "target": margin, "prob": prob}
 
     def loss(self, params: dict[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
@@ -538,294 +493,22 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-def dataloader_from_dataset(
-    dataset: Any, task: str, processor: Any = None, batch_size: int = 8,
-    text_column: str | None = None, text_pair_column: str | None = None,
-    label_column: str | None = None, max_length: int | None = None,
-    mlm_probability: float = 0.15, seed: int = 0, num_workers: int = 0,
-    label2id: Mapping[str, int] | None = None, num_labels: int | None = None,
-) -> DataLoader:
-    """An unshuffled ``DataLoader`` of dict batches from a ``datasets.Dataset``.
-
-    Pre-tokenised datasets (an ``input_ids`` column, or ``pixel_values``) are used as they are;
-    a text column is tokenised with ``processor`` (the tokenizer, truncating to
-    ``max_length``); an ``image``/``img`` column is transformed with ``processor`` (an image
-    processor). Labels: a ``labels``/``label`` column (classification), ``input_ids`` with
-    padding set to ``-100`` (causal LM), or a fixed random 15% masking drawn once with
-    ``seed`` (masked LM without labels, so every pass sees the same masks).
-
-    Classification labels that are strings are mapped through ``label2id`` (the model's
-    ``config.label2id``; ``task.dataloader`` passes it); a label the head cannot score (an
-    unknown string, an integer outside ``0..num_labels-1``, a negative other than ``-100``)
-    is an error naming it.
-    """
-    from datasets import Dataset
-
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"expected a datasets.Dataset, got {type(dataset).__name__} (for a "
-                        "DatasetDict pick a split, e.g. dataset['train']).")
-    if len(dataset) == 0:
-        raise ValueError("the dataset is empty.")
-    kind = _kind(task)
-    original_columns = list(dataset.column_names)  # as the user knows them, for messages
-    columns = set(original_columns)
-    label_source = "labels" if "labels" in columns else "label"
-    if label_column and label_column != "labels":
-        if label_column not in columns:
-            raise ValueError(f"label column {label_column!r} is not in the dataset; its columns "
-                             f"are {sorted(columns)}. Name the class label column with "
-                             "label_column=... (CLI: --label-column).")
-        dataset = dataset.rename_column(label_column, "labels")
-        label_source = label_column
-    elif "labels" not in columns and "label" in columns:
-        dataset = dataset.rename_column("label", "labels")
-    columns = set(dataset.column_names)
-    if "labels" in columns and (kind.classification or task == "token-classification"):
-        dataset = _class_labels(dataset, label_source, label2id, num_labels,
-                                ignore_index=task == "token-classification")
-
-    if task == "image-classification":
-        dataset = _image_features(dataset, processor)
-    elif "input_ids" not in columns:
-        dataset = _tokenize(dataset, processor, text_column, text_pair_column, max_length,
-                            shown_columns=original_columns)
-    keep = [c for c in dataset.column_names if c in _MODEL_INPUTS or c == "labels"]
-    dataset = dataset.select_columns(keep)
-
-    if task == "masked-lm" and "labels" not in dataset.column_names:
-        dataset = _fixed_masking(dataset, processor, mlm_probability, seed)
-    if kind.classification and "labels" not in dataset.column_names:
-        raise ValueError(f"{task} needs a 'label' or 'labels' column, or the class label "
-                         "column named with label_column=... (CLI: --label-column); the "
-                         f"dataset has {sorted(columns)}.")
-    if task == "image-classification":
-        from transformers import default_data_collator
-        collate = default_data_collator
-    elif _equal_lengths(dataset):
-        # Pre-tokenised sequences of one length need no padding (nor a tokenizer).
-        collate = _StackCollator(task)
-    elif task == "causal-lm" and "labels" not in dataset.column_names:
-        collate = _causal_lm_collator(processor)
-    else:
-        collate = _padding_collator(processor, task)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                      collate_fn=_PlainDict(collate), num_workers=num_workers)
-
-
-def _class_labels(dataset: Any, column: str, label2id: Mapping[str, int] | None,
-                  num_labels: int | None, ignore_index: bool) -> Any:
-    """Map string labels through ``label2id`` and check every label is in the head's range
-    (``-100`` too with ``ignore_index``: token labels the loss skips; one label per example
-    has no such value, as the loss would read it as class 0)."""
-    values = dataset["labels"]
-    flat = [v for row in values for v in row] if values and isinstance(
-        values[0], (list, tuple)) else list(values)
-    strings = [v for v in flat if isinstance(v, str)]
-    if strings:
-        if not label2id:
-            raise ValueError(f"column {column!r} holds string labels (e.g. {strings[0]!r}) but "
-                             "no label2id was given to map them to class indices; pass "
-                             "label2id=model.config.label2id (task.dataloader does).")
-        unknown = next((v for v in strings if v not in label2id), None)
-        if unknown is not None:
-            raise ValueError(
-                f"label {unknown!r} in column {column!r} is not one of the model's labels "
-                f"{sorted(label2id)} (config.label2id). Use the model's label names, or a "
-                "model fine-tuned on these labels.")
-        mapping = dict(label2id)
-
-        def encode(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
-            return {"labels": [[mapping[v] for v in row] if isinstance(row, (list, tuple))
-                               else mapping[row] for row in rows["labels"]]}
-
-        dataset = dataset.map(encode, batched=True, desc="label2id")
-        flat = [mapping[v] if isinstance(v, str) else v for v in flat]
-    if num_labels is None:
-        return dataset
-    bad = next((v for v in flat if not (0 <= int(v) < num_labels
-                                         or (ignore_index and int(v) == -100))), None)
-    if bad is not None:
-        raise ValueError(
-            f"label {bad!r} in column {column!r} is outside the classification head: the model "
-            f"has num_labels={num_labels}, so labels must be 0..{num_labels - 1}"
-            + (" (or -100 for a token to ignore)" if ignore_index else "")
-            + ". Check the label column (label_column=..., CLI: --label-column), drop the "
-            "examples without a class, or load a model with a head of that many classes.")
-    return dataset
-
-
-def _equal_lengths(dataset: Any) -> bool:
-    if "input_ids" not in dataset.column_names:
-        return False
-    lengths = {len(ids) for ids in dataset["input_ids"]}
-    return len(lengths) == 1
-
-
-class _StackCollator:
-    """Stack equal-length pre-tokenised examples; causal-LM labels are the inputs (masked
-    positions set to -100)."""
-
-    def __init__(self, task: str) -> None:
-        self.task = task
-
-    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, Tensor]:
-        batch = {k: torch.stack([torch.as_tensor(f[k]) for f in features]) for k in features[0]}
-        if "labels" not in batch:
-            if self.task != "causal-lm":
-                raise ValueError(f"{self.task} needs labels; the dataset has none.")
-            labels = batch["input_ids"].clone()
-            if "attention_mask" in batch:
-                labels[batch["attention_mask"] == 0] = -100
-            batch["labels"] = labels
-        return batch
-
-
-class _PlainDict:
-    """Collate into a plain ``dict`` (``vmap`` does not treat ``BatchEncoding`` as a pytree)."""
-
-    def __init__(self, collate: Callable[[list[Any]], Mapping[str, Tensor]]) -> None:
-        self.collate = collate
-
-    def __call__(self, features: list[Any]) -> dict[str, Tensor]:
-        return dict(self.collate(features))
-
-
-def _needs_pad(processor: Any) -> None:
-    if processor is None:
-        raise ValueError("batches of sequences need padding, so pass the tokenizer "
-                         "(processor=tokenizer, or load the model from a folder that has one).")
-    if getattr(processor, "pad_token", None) is None:
-        raise ValueError(
-            f"the tokenizer ({type(processor).__name__}) has no pad token, so sequences of "
-            "different lengths cannot be batched. Set one, e.g. "
-            "tokenizer.pad_token = tokenizer.eos_token (padding is masked out of the loss).")
-
-
-def _tokenize(dataset: Any, processor: Any, text_column: str | None,
-              text_pair_column: str | None, max_length: int | None,
-              shown_columns: list[str] | None = None) -> Any:
-    columns = dataset.column_names
-    if text_column is None:
-        text_column = next((c for c in ("text", "sentence", "content") if c in columns), None)
-    if text_column is None:
-        raise ValueError(f"no text column to tokenise: the dataset has no 'text', 'sentence' "
-                         f"or 'content' column (its columns are {shown_columns or columns}). "
-                         "Name it with "
-                         "text_column=... (CLI: --text-column), or pass a dataset with "
-                         "input_ids.")
-    if text_column not in columns:
-        raise ValueError(f"text column {text_column!r} is not in the dataset; its columns are "
-                         f"{shown_columns or columns}. Name the column to tokenise with "
-                         "text_column=... "
-                         "(CLI: --text-column).")
-    if processor is None or not callable(processor):
-        raise ValueError(f"column {text_column!r} holds text, so a tokenizer is needed: pass "
-                         "processor=tokenizer (or load the model from a folder with one).")
-
-    def encode(rows: dict[str, list[Any]]) -> Any:
-        pair = rows[text_pair_column] if text_pair_column else None
-        return processor(rows[text_column], pair, truncation=max_length is not None,
-                         max_length=max_length)
-
-    return dataset.map(encode, batched=True, desc="tokenising")
-
-
-def _image_features(dataset: Any, processor: Any) -> Any:
-    if "pixel_values" in dataset.column_names:
-        return dataset.with_format("torch")
-    column = next((c for c in ("image", "img", "pixel_values") if c in dataset.column_names),
-                  None)
-    if column is None:
-        raise ValueError(f"image-classification needs a pixel_values or image column; the "
-                         f"dataset has {dataset.column_names}.")
-    if processor is None:
-        raise ValueError("images need the model's image processor: pass processor=...")
-
-    def encode(rows: dict[str, list[Any]]) -> Any:
-        images = [im.convert("RGB") if hasattr(im, "convert") else im for im in rows[column]]
-        return {"pixel_values": processor(images, return_tensors="np")["pixel_values"]}
-
-    dataset = dataset.map(encode, batched=True, desc="image features")
-    return dataset.with_format("torch")
-
-
-def _causal_lm_collator(processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
-    from transformers import DataCollatorForLanguageModeling
-
-    _needs_pad(processor)
-    return DataCollatorForLanguageModeling(processor, mlm=False)
-
-
-def _padding_collator(processor: Any, task: str) -> Callable[..., dict[str, Tensor]]:
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
-
-    _needs_pad(processor)
-    if task in ("token-classification", "masked-lm"):
-        # Pads 'labels' with -100 as well.
-        return DataCollatorForTokenClassification(processor)
-    return DataCollatorWithPadding(processor)
-
-
-def _fixed_masking(dataset: Any, processor: Any, probability: float, seed: int) -> Any:
-    """Mask ``probability`` of the non-special tokens once, reproducibly (BERT's 80/10/10)."""
-    mask_id = getattr(processor, "mask_token_id", None)
-    if mask_id is None:
-        raise ValueError("masked-lm without a labels column needs a tokenizer with a mask "
-                         "token to mask inputs with.")
-    special = set(getattr(processor, "all_special_ids", []))
-    vocab = len(processor)
-
-    def mask_rows(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        ids_out, labels_out = [], []
-        for ids, index in zip(rows["input_ids"], indices, strict=True):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-            ids_t = torch.tensor(ids)
-            can = torch.tensor([t not in special for t in ids])
-            chosen = (torch.rand(len(ids), generator=g) < probability) & can
-            labels = torch.where(chosen, ids_t, torch.full_like(ids_t, -100))
-            roll = torch.rand(len(ids), generator=g)
-            random_ids = torch.randint(vocab, (len(ids),), generator=g)
-            new = torch.where(chosen & (roll < 0.8), torch.full_like(ids_t, mask_id), ids_t)
-            new = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, new)
-            ids_out.append(new.tolist())
-            labels_out.append(labels.tolist())
-        return {"input_ids": ids_out, "labels": labels_out}
-
-    return dataset.map(mask_rows, batched=True, with_indices=True, desc="masking")
-
-
-# --------------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------------
-_METHODS = ("trak", "tracin", "grad-dot", "grad-cos", "if-explicit", "if-cg", "if-lissa",
-            "if-arnoldi", "rps")
-
-# The one set of defaults of ``task.attributor(method)`` and ``hf-attrib attribute`` (which
-# passes only the options given on its command line): the attributor classes' own defaults,
-# except the influence functions' Hessian damping. A transformer's loss Hessian is indefinite
-# away from a minimum, so the classes' regularization=0 (dattri's) would make CG/explicit
-# solves meaningless; 1e-2 is the damping of dattri's and Koh & Liang's examples.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "trak": {"projector_kwargs": {"proj_dim": 2048}, "regularization": 0.0},
-    "tracin": {},
-    "grad-dot": {},
-    "grad-cos": {},
-    "if-explicit": {"regularization": 1e-2},
-    "if-cg": {"regularization": 1e-2, "max_iter": 10},
-    "if-lissa": {},
-    "if-arnoldi": {"regularization": 1e-2},
-    "rps": {"l2_strength": 0.003, "fit_last_layer": True},
-}
-
-
 def method_defaults(method: str) -> dict[str, Any]:
-    """The keyword arguments ``task.attributor(method)`` gives the attributor by default."""
-    if method not in METHOD_DEFAULTS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(_METHODS)}.")
-    return {k: dict(v) if isinstance(v, dict) else v
-            for k, v in METHOD_DEFAULTS[method].items()}
+    """The keyword arguments ``task.attributor(method)`` gives the attributor by default: the
+    registry's ``get_method(method).defaults``, as a fresh ``dict`` (nested ones too).
+
+    Raises:
+        ValueError: ``method`` is not registered.
+    """
+    return get_method(method).constructor_kwargs()
+
+
+#: ``method_defaults`` of every built-in method, read once at import. Kept for compatibility:
+#: the registry (``hf_attrib.algorithm.get_method``) is the home of these defaults.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: method_defaults(name)
+                                              for name in method_names()}
 
 
 class HFAttributionTask(AttributionTask):
@@ -878,26 +561,30 @@ class HFAttributionTask(AttributionTask):
         return dataloader_from_dataset(dataset, self.task_kind, batch_size=batch_size, **kwargs)
 
     def attributor(self, method: str, device: torch.device | str | None = None,
-                   **kwargs: Any) -> Any:
+                   **kwargs: Any) -> Attributor:
         """The attributor of ``method`` wired to this task (layers, TRAK's Q, RPS layer,
-        TracInCP step sizes); ``kwargs`` go to its constructor, over ``METHOD_DEFAULTS``
-        (the same defaults as ``hf-attrib attribute``). ``device=None``: the model's device.
-        """
-        from hf_attrib import algorithm as alg
+        TracInCP step sizes); ``kwargs`` go to its constructor, over the registry's defaults
+        (``hf_attrib.algorithm.get_method(method).defaults``, the same defaults as
+        ``hf-attrib attribute``). ``device=None``: the model's device.
 
-        kwargs = {**method_defaults(method), **kwargs}
-        if method == "rps":
-            if self.rps_layer_name is None:
-                raise ValueError(f"RPS needs one feature vector per example at a final linear "
-                                 f"layer; task kind {self.task_kind!r} has none (it applies "
-                                 "to sequence/image classification).")
+        Raises:
+            ValueError: ``method`` is not registered, or needs a classification head that
+                this task kind does not have.
+        """
+        spec = get_method(method)
+        # What this task knows goes to every method whose constructor takes it.
+        accepts = inspect.signature(spec.attributor_class).parameters
+        if spec.needs_classification_head and self.rps_layer_name is None:
+            raise ValueError(f"method {method!r} needs one feature vector per example at a "
+                             f"final linear layer; task kind {self.task_kind!r} has none (it "
+                             "applies to sequence/image classification).")
+        if "final_linear_layer_name" in accepts:
             kwargs.setdefault("final_linear_layer_name", self.rps_layer_name)
-            return alg.RPSAttributor(self, device=device, **kwargs)
-        kwargs.setdefault("layer_name", self.layer_name)
-        if method == "trak":
+        else:
+            kwargs.setdefault("layer_name", self.layer_name)
+        if "correct_probability_func" in accepts:
             kwargs.setdefault("correct_probability_func", self.correct_probability_func)
-            return alg.TRAKAttributor(self, device=device, **kwargs)
-        if method == "tracin":
+        if "weight_list" in accepts:
             if self.weight_list is not None:
                 kwargs.setdefault("weight_list", self.weight_list)
             elif "weight_list" not in kwargs:
@@ -908,11 +595,7 @@ class HFAttributionTask(AttributionTask):
                     "training step's effect. Pass weight_list=[lr, ...] or "
                     "checkpoints=<Trainer output_dir> (its learning rates are read).",
                     UserWarning, stacklevel=2)
-            return alg.TracInAttributor(self, device=device, **kwargs)
-        classes = {"grad-dot": alg.GradDotAttributor, "grad-cos": alg.GradCosAttributor,
-                   "if-explicit": alg.IFAttributorExplicit, "if-cg": alg.IFAttributorCG,
-                   "if-lissa": alg.IFAttributorLiSSA, "if-arnoldi": alg.IFAttributorArnoldi}
-        return classes[method](self, device=device, **kwargs)
+        return make_attributor(method, self, device=device, **kwargs)
 
 
 def _final_linear(model: nn.Module) -> str | None:
@@ -948,9 +631,9 @@ def _peft_load_func(model: nn.Module, checkpoint: Any) -> nn.Module:
 
 
 def _last_checkpoint(output_dir: str | os.PathLike) -> Path:
-    from hf_attrib.integrations.trainer import _checkpoint_folders
+    from hf_attrib.integrations.trainer import checkpoint_folders
 
-    return _checkpoint_folders(Path(output_dir))[-1][1]
+    return checkpoint_folders(Path(output_dir))[-1][1]
 
 
 def _unaliased(model: nn.Module, checkpoint: Any) -> Any:
@@ -1005,7 +688,7 @@ def task_from_pretrained(
         allow_pickle: also load pickled weights (``pytorch_model.bin``) when a checkpoint has
             no safetensors. Off by default: unpickling can run arbitrary code.
     """
-    _kind(task)
+    task_kind(task)
     if isinstance(model, (str, os.PathLike)) and not (Path(model) / "config.json").exists():
         from hf_attrib.integrations.trainer import is_trainer_output_dir
 

@@ -16,7 +16,7 @@ The folder layout and ``metadata.yml`` keys are dattri's. What differs, on purpo
   ``index_{i}/model_weights.safetensors``), never pickles: load them with
   ``safetensors.torch.load_file`` (``torch.load`` of dattri's ``.pt`` files unpickles).
   ``metadata.yml`` is written as JSON, which YAML readers also read.
-* LDS subsets come from :func:`hf_attrib.model_utils.retraining.lds_subsets` (row ``i`` is a
+* LDS subsets come from :func:`hf_attrib.model_utils.subsets.lds_subsets` (row ``i`` is a
   function of ``(seed, i)`` only), not from numpy's generator, so they are the same subsets
   as hf_attrib's own ground truth for the same ``seed``; ``seed=None`` draws a seed and
   records it in ``metadata.yml``. Indices in ``indices.txt`` are in increasing order.
@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from hf_attrib.model_utils import retraining as _retraining
+from hf_attrib.model_utils.subsets import lds_subsets
 
 __all__ = ["retrain_lds", "retrain_loo"]
 
@@ -187,7 +188,7 @@ def retrain_lds(
     dataset = _dataset(dataloader)
     n = len(dataset)
     subset_seed = int(torch.randint(2**31 - 1, (1,))) if seed is None else seed
-    masks = _retraining.lds_subsets(n, start_id + num_subsets, subset_ratio, subset_seed)
+    masks = lds_subsets(n, start_id + num_subsets, subset_ratio, subset_seed)
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     for i in range(start_id, start_id + num_subsets):
@@ -217,10 +218,12 @@ def retrain_lds(
     })
 
 
+# The one trick, kept here alone: `hf_attrib.model_utils.retrain` is both this module (dattri's
+# import path) and our driver `retraining.retrain` (`model_utils.retrain(kind, out_dir, build)`).
+# No plain object is both a module and callable, so the module's class gets a `__call__` (the
+# documented `module.__class__` assignment); the driver is looked up per call, so patching
+# `retraining.retrain` patches this too.
 class _CallableModule(types.ModuleType):
-    """Keeps ``hf_attrib.model_utils.retrain(...)`` the stacked-training driver once this
-    module (same name, dattri's path) has been imported into the package."""
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return _retraining.retrain(*args, **kwargs)
 

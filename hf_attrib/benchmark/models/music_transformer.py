@@ -289,11 +289,16 @@ class MusicTransformerLayer(nn.Module):
 # Models
 # --------------------------------------------------------------------------------------------
 class MusicTransformerPreTrainedModel(PreTrainedModel):
-    """Shared ``transformers`` plumbing: config class and weight initialisation."""
+    """Shared ``transformers`` plumbing: config class and weight initialisation.
+
+    ``sampled_vocab_size``: the tokens sampling may produce (the 388 events; never the end and
+    padding tokens), read by :func:`hf_attrib.benchmark.sampling.generate_samples`.
+    """
 
     config_class = MusicTransformerConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    sampled_vocab_size: ClassVar[int] = NUM_MIDI_EVENTS
     _no_split_modules: ClassVar[list[str]] = ["MusicTransformerLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
