@@ -402,3 +402,18 @@ def test_fast_jl_projection_without_a_working_kernel_is_refused(monkeypatch):
     monkeypatch.setattr(projection, "_FAST_JL_WORKS", False)
     with pytest.raises(ValueError, match="proj_type='fast_jl' needs the fast_jl CUDA kernel"):
         make_projector(1024, 512, proj_type="fast_jl")
+
+
+def test_tracin_without_learning_rates_warns_in_the_plain_api(problem):
+    """TracInCP with no weight_list uses step size 1; say so (Grad-Dot/Cos do not warn)."""
+    import warnings
+
+    from hf_attrib.algorithm import GradDotAttributor
+
+    task = problem[0]
+    with pytest.warns(UserWarning, match="every step size is 1.*weight_list"):
+        TracInAttributor(task=task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TracInAttributor(task=task, weight_list=[0.1])
+        GradDotAttributor(task=task)

@@ -14,6 +14,7 @@ final checkpoint alone with :math:`\eta = 1`; Grad-Cos normalises both gradients
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,12 @@ class TracInAttributor(FeatureAttributor):
         super().__init__(task, layer_name=layer_name, device=device,
                          projector_kwargs=projector_kwargs, **kwargs)
         if weight_list is None:
+            warnings.warn(
+                f"TracInCP without learning rates: {task.num_checkpoints} checkpoint(s) and no "
+                "weight_list, so every step size is 1 and the scores are gradient dot products "
+                "summed over checkpoints, not estimates of a training step's effect. Pass "
+                "weight_list=[lr, ...] (with task_from_pretrained, checkpoints=<Trainer "
+                "output_dir> reads them).", UserWarning, stacklevel=2)
             weight_list = [1.0] * task.num_checkpoints
         weights = [float(w) for w in weight_list]
         if len(weights) != task.num_checkpoints:

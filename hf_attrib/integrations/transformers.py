@@ -584,17 +584,8 @@ class HFAttributionTask(AttributionTask):
             kwargs.setdefault("layer_name", self.layer_name)
         if "correct_probability_func" in accepts:
             kwargs.setdefault("correct_probability_func", self.correct_probability_func)
-        if "weight_list" in accepts:
-            if self.weight_list is not None:
-                kwargs.setdefault("weight_list", self.weight_list)
-            elif "weight_list" not in kwargs:
-                warnings.warn(
-                    f"TracInCP without learning rates: {self.num_checkpoints} checkpoint(s) "
-                    "and no weight_list, so every step size is 1 and the scores are "
-                    "gradient dot products summed over checkpoints, not estimates of a "
-                    "training step's effect. Pass weight_list=[lr, ...] or "
-                    "checkpoints=<Trainer output_dir> (its learning rates are read).",
-                    UserWarning, stacklevel=2)
+        if "weight_list" in accepts and self.weight_list is not None:
+            kwargs.setdefault("weight_list", self.weight_list)
         return make_attributor(method, self, device=device, **kwargs)
 
 
