@@ -60,7 +60,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             state: dict[str, Tensor] = {}
             for shard in shards:
-                state.update(load_file(path / shard))
+                state.update(load_file(_inside(path, shard, index.name)))
             return state
         raise FileNotFoundError(
             f"checkpoint folder {path} has no model.safetensors or model.safetensors.index.json;"
@@ -74,6 +74,16 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             "Convert it with safetensors.torch.save_file(state_dict, 'model.safetensors')."
         )
     return load_file(path)
+
+
+def _inside(folder: Path, name: str, index_name: str) -> Path:
+    """``folder / name``, refused unless it is a file name inside ``folder`` (an index that
+    names ``../x`` or an absolute path must not make us read outside the checkpoint)."""
+    target = (folder / name).resolve()
+    if Path(name).is_absolute() or not target.is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder / index_name} names the shard {name!r}, which is outside "
+                         f"{folder}; a checkpoint index may only name files inside its folder.")
+    return target
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], label: str) -> None:

@@ -417,3 +417,26 @@ def test_tracin_without_learning_rates_warns_in_the_plain_api(problem):
         warnings.simplefilter("error")
         TracInAttributor(task=task, weight_list=[0.1])
         GradDotAttributor(task=task)
+
+
+def test_sharded_checkpoint_index_may_not_name_files_outside_its_folder(tmp_path):
+    """A ``model.safetensors.index.json`` naming ``../x`` is refused, never read."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from hf_attrib.task import load_state_dict_file
+
+    outside = tmp_path / "outside.safetensors"
+    save_file({"weight": torch.ones(2)}, outside)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({"bias": torch.zeros(2)}, folder / "part-1.safetensors")
+    for bad in ["../outside.safetensors", str(outside)]:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"weight": bad, "bias": "part-1.safetensors"}}))
+        with pytest.raises(ValueError, match="outside"):
+            load_state_dict_file(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"bias": "part-1.safetensors"}}))
+    assert torch.equal(load_state_dict_file(folder)["bias"], torch.zeros(2))

@@ -305,7 +305,7 @@ class FeatureAttributor(BaseAttributor):
         for start in range(0, size, chunk):
             try:
                 grads = grad_fn(_slice_batch(batch, start, start + chunk))
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is 2.5+ only
                 raise
             except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
                 func = ("loss_func" if kind == "loss" or fns.target_is_loss
