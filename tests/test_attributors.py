@@ -335,6 +335,36 @@ def test_rps_fit_reaches_a_stationary_point(lr_problem):
     assert (weight - model.head.weight.double()).abs().max() > 1e-2
 
 
+def test_rps_fit_to_labels_is_stationary_for_the_training_objective(lr_problem):
+    """fit_targets='labels': the refit zeroes the gradient of mean CE to the one-hot training
+    labels + l2 ||W||^2, and the representer identity holds with those alphas."""
+    p = lr_problem
+    torch.manual_seed(1)
+    model = _TwoLayer().eval()
+
+    def loss(params, batch):
+        xb, yb = batch
+        return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    attributor = RPSAttributor(task=task, final_linear_layer_name="head", l2_strength=0.01,
+                               fit_targets="labels")
+    attributor.cache(p["train"])
+    with torch.no_grad():
+        h, ht = model.body(p["x"]).double(), model.body(p["xt"]).double()
+    onehot = nn.functional.one_hot(p["y"], CLASSES).double()
+    weight = attributor.fitted_weight.clone().requires_grad_(True)
+    bias = model.head.bias.detach().double()
+    objective = (-(onehot * torch.log_softmax(h @ weight.T + bias, -1)).sum(1).mean()
+                 + 0.01 * weight.pow(2).sum())
+    (grad,) = torch.autograd.grad(objective, weight)
+    assert grad.abs().max() < 1e-8
+    alpha = -(torch.softmax(h @ weight.T + bias, -1) - onehot) / (2 * 0.01 * N_TRAIN)
+    torch.testing.assert_close(alpha.T @ h @ ht.T, weight.detach() @ ht.T, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="fit_targets must be 'predictions'"):
+        RPSAttributor(task=task, final_linear_layer_name="head", fit_targets="soft")
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_rps_representers_reproduce_the_fitted_layer(lr_problem, normalize):
     """The representer theorem's identity: sum_i alpha_i h_i^T h = Theta_1 h on test examples,

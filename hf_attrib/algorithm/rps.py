@@ -21,6 +21,12 @@ weight until the gradient's largest entry is below ``fit_tol``. The bias :math:`
 and the decomposition above holds to the fit's tolerance. With ``fit_last_layer=False`` the
 model's own weights are taken as the stationary point and :math:`\partial L/\partial\Phi` is
 the gradient of the task's ``loss_func`` (use it for a model trained with that L2 term).
+
+``fit_targets="labels"`` fits to the one-hot training labels instead (the training objective
+itself, also a stationary point for the theorem). The default explains the model's
+*predictions*, which attributes better; the labels make the self-influence a mislabel
+detector. On the digits-lr benchmark: predictions LDS 0.629 / noisy-label AUC 0.017 (a
+mislabelled example's self-influence is the most negative), labels LDS 0.443 / AUC 0.995.
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ class RPSAttributor(BaseAttributor):
         fit_tol: the fit stops when every entry of the objective's gradient is below this.
         fit_max_iter: L-BFGS iterations at most (a warning says when they did not reach
             ``fit_tol``).
+        fit_targets: what the refit matches: ``"predictions"`` (the model's predicted
+            probabilities, as dattri; best for attribution) or ``"labels"`` (the training
+            labels, one-hot; best for mislabel detection by self-influence).
         device, progress, distributed: see ``BaseAttributor`` (``device=None``: the model's
             device; ``grad_chunk_size`` is accepted and unused).
 
@@ -91,7 +100,8 @@ class RPSAttributor(BaseAttributor):
                  l2_strength: float = 0.003, normalize_preactivate: bool = False,
                  label_func: Callable[[Any], Tensor] = default_label_func,
                  device: torch.device | str | None = None, fit_last_layer: bool = True,
-                 fit_tol: float = 1e-9, fit_max_iter: int = 1000, **kwargs: Any) -> None:
+                 fit_tol: float = 1e-9, fit_max_iter: int = 1000,
+                 fit_targets: str = "predictions", **kwargs: Any) -> None:
         super().__init__(task, layer_name=final_linear_layer_name, device=device, **kwargs)
         modules = dict(task.model.named_modules())
         layer = modules.get(final_linear_layer_name)
@@ -104,7 +114,12 @@ class RPSAttributor(BaseAttributor):
         self.l2_strength = l2_strength
         self.normalize_preactivate = normalize_preactivate
         self.label_func = label_func
+        if fit_targets not in ("predictions", "labels"):
+            raise ValueError(f"fit_targets must be 'predictions' (the model's predicted "
+                             f"probabilities, as dattri) or 'labels' (the training labels), "
+                             f"got {fit_targets!r}.")
         self.fit_last_layer = fit_last_layer
+        self.fit_targets = fit_targets
         self.fit_tol = fit_tol
         self.fit_max_iter = fit_max_iter
         self.fitted_weight: Tensor | None = None
@@ -197,11 +212,13 @@ class RPSAttributor(BaseAttributor):
 
     def _fitted_representers(self, train_loader: DataLoader) -> tuple[Tensor, Tensor]:
         """Refit the weight to a stationary point; ``(alpha [n, C], features [n, H])``."""
-        hs, outs = [], []
+        hs, outs, labels = [], [], []
         for _, batch in self._batches(train_loader, "train", "RPS features"):
             h, out = self._layer_io(batch)
             hs.append(h)
             outs.append(out)
+            if self.fit_targets == "labels":
+                labels.append(self.label_func(batch).long().reshape(-1))
         h, out = torch.cat(hs), torch.cat(outs)
         bad = ~(torch.isfinite(h).all(dim=1) & torch.isfinite(out).all(dim=1))
         if bool(bad.any()):
@@ -213,7 +230,8 @@ class RPSAttributor(BaseAttributor):
         bias = (layer.bias.detach().double() if layer.bias is not None
                 else torch.zeros(layer.out_features, dtype=torch.float64, device=h.device))
         h64 = h.double()
-        targets = _probabilities(out.double())
+        targets = (_probabilities(out.double()) if self.fit_targets == "predictions"
+                   else _label_targets(torch.cat(labels), out.shape[1]))
         weight = _fit_weight(h64, bias, targets, layer.weight.detach().double(),
                              self.l2_strength, self.fit_tol, self.fit_max_iter)
         if not bool(torch.isfinite(weight).all()):
@@ -254,6 +272,16 @@ class RPSAttributor(BaseAttributor):
                           * (h_train[rows] ** 2).sum(dim=1))
             offset += labels.shape[0]
         return torch.cat(values)
+
+
+def _label_targets(labels: Tensor, classes: int) -> Tensor:
+    """Training labels as probability targets: one-hot (the label itself for one output)."""
+    if classes == 1:
+        return labels.double()[:, None]
+    if bool(((labels < 0) | (labels >= classes)).any()):
+        raise ValueError(f"RPS fit_targets='labels': labels must be class indices in "
+                         f"0..{classes - 1}; got {labels.min().item()}..{labels.max().item()}.")
+    return F.one_hot(labels, classes).double()
 
 
 def _probabilities(logits: Tensor) -> Tensor:
