@@ -202,6 +202,16 @@ def test_symlink_inside_the_folder_is_followed(repo):
     assert ids.tolist() == [0, 1, 2, 3] and params["w"][:, 0].tolist() == [0, 1, 2, 3]
 
 
+def test_reading_a_model_range_past_the_last_model_is_refused(repo):
+    """``"0:6"`` of a 4-model kind is an error, not 4 models without a word; open ends and
+    ranges inside still read."""
+    with pytest.raises(ValueError, match=r"models 0:6 asks for lds models up to id 5.*has 4 "
+                                         r"\(ids 0\.\.3\).*e\.g\. 0:4"):
+        read_checkpoints(repo, "lds", "0:6")
+    assert read_checkpoints(repo, "lds", "1:")[2].tolist() == [1, 2, 3]
+    assert read_checkpoints(repo, "lds", "0:4")[2].tolist() == [0, 1, 2, 3]
+
+
 # ---------------------------------------------------------------------------------- hashes
 def test_shard_without_a_hash_is_refused(repo, opened):
     _rename_shard(repo, _index(repo), 0, SHARDS[0], None)  # named, but not in files
@@ -557,3 +567,4 @@ def test_offline_mode_without_cache_is_a_clear_cli_error(tmp_path, monkeypatch, 
     assert err.startswith("hf-attrib: error: cannot reach the Hub ("), err
     assert "offline mode (HF_HUB_OFFLINE) and not in the local cache" in err
     assert "use --data-dir / a local folder" in err and "file None" not in err
+

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from hf_attrib.benchmark.data import split_tensors
 from hf_attrib.hub.errors import HubNotFoundError
 from hf_attrib.hub.layout import DEFAULT_ORG, read_index, verified_path
-from hf_attrib.model_utils.block_store import merge_stacked, parse_model_range
+from hf_attrib.model_utils.block_store import OPEN_END, merge_stacked, parse_model_range
 
 if TYPE_CHECKING:  # imported when called: it loads the benchmark models (transformers)
     from hf_attrib.benchmark.pulled import PulledBenchmark
@@ -120,7 +120,17 @@ def read_checkpoints(ckpt_dir: str | Path, kind: str, models: Any = None
         path = _need(folder, index, name, f"checkpoints{spec}")
         with safe_open(str(path), framework="pt") as f:  # no __iter__: keys() it is
             shards.append({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118
-    return merge_stacked(shards, None if models is None else parse_model_range(models))
+    if models is None:
+        return merge_stacked(shards, None)
+    a, b = parse_model_range(models)
+    count = index["kinds"][kind].get("num_models")
+    if count is not None and b != OPEN_END and b > count:
+        # Reading (unlike pulling, where one range spans kinds of different sizes) must not
+        # cut "0:10" of 8 models short without a word.
+        raise ValueError(f"models {a}:{b} asks for {kind} models up to id {b - 1}, but "
+                         f"{folder} has {count} (ids 0..{count - 1}); ask for a range "
+                         f"within them, e.g. 0:{count}.")
+    return merge_stacked(shards, (a, b))
 
 
 def read_state(ckpt_dir: str | Path, kind: str = "full") -> dict[str, Tensor]:

@@ -48,6 +48,7 @@ __all__ = [
     "BLOCK_FORMAT",
     "BUFFER_PREFIX",
     "MODEL_IDS_KEY",
+    "OPEN_END",
     "RESERVED_KEYS",
     "STREAM_IDS_KEY",
     "SUBSET_INDICES_KEY",
@@ -85,7 +86,7 @@ _BLOCK_SUM_KEY = "block_sha256"
 _BLOCK_RE = re.compile(r"^block-(\d{5,})\.safetensors$")
 _KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # An open end of a model range read without the number of models (Hub shards).
-_NO_END = 1 << 62
+OPEN_END = 1 << 62
 
 
 def parse_model_range(models: ModelRange | None, num_models: int | None = None
@@ -112,7 +113,7 @@ def parse_model_range(models: ModelRange | None, num_models: int | None = None
             or a tuple lies outside ``[0, num_models]``.
     """
     if models is None:
-        return 0, _NO_END if num_models is None else num_models
+        return 0, OPEN_END if num_models is None else num_models
     if isinstance(models, str):
         start, sep, stop = models.partition(":")
         if not sep:
@@ -122,7 +123,7 @@ def parse_model_range(models: ModelRange | None, num_models: int | None = None
         if models.step not in (None, 1):
             raise ValueError("models must be a contiguous range (slice step 1).")
         if num_models is None:
-            return models.start or 0, _NO_END if models.stop is None else models.stop
+            return models.start or 0, OPEN_END if models.stop is None else models.stop
         start, stop, _ = models.indices(num_models)
         return start, max(start, stop)
     start, stop = (int(v) for v in models)
