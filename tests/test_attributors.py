@@ -302,7 +302,7 @@ def test_rps_matches_representer_closed_form(lr_problem, normalize):
                                atol=1e-7)
 
 
-def _rps_fit_setup(p, normalize=False, l2=0.01):
+def _rps_fit_setup(p, normalize=False, l2=0.01, **options):
     torch.manual_seed(1)
     model = _TwoLayer().eval()
 
@@ -312,7 +312,7 @@ def _rps_fit_setup(p, normalize=False, l2=0.01):
 
     task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
     attributor = RPSAttributor(task=task, final_linear_layer_name="head", l2_strength=l2,
-                               normalize_preactivate=normalize)
+                               normalize_preactivate=normalize, **options)
     attributor.cache(p["train"])
     with torch.no_grad():
         h, ht = model.body(p["x"]).double(), model.body(p["xt"]).double()
@@ -339,19 +339,7 @@ def test_rps_fit_to_labels_is_stationary_for_the_training_objective(lr_problem):
     """fit_targets='labels': the refit zeroes the gradient of mean CE to the one-hot training
     labels + l2 ||W||^2, and the representer identity holds with those alphas."""
     p = lr_problem
-    torch.manual_seed(1)
-    model = _TwoLayer().eval()
-
-    def loss(params, batch):
-        xb, yb = batch
-        return nn.functional.cross_entropy(torch.func.functional_call(model, params, xb), yb)
-
-    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-    attributor = RPSAttributor(task=task, final_linear_layer_name="head", l2_strength=0.01,
-                               fit_targets="labels")
-    attributor.cache(p["train"])
-    with torch.no_grad():
-        h, ht = model.body(p["x"]).double(), model.body(p["xt"]).double()
+    model, attributor, h, ht, _ = _rps_fit_setup(p, fit_targets="labels")
     onehot = nn.functional.one_hot(p["y"], CLASSES).double()
     weight = attributor.fitted_weight.clone().requires_grad_(True)
     bias = model.head.bias.detach().double()
@@ -362,7 +350,7 @@ def test_rps_fit_to_labels_is_stationary_for_the_training_objective(lr_problem):
     alpha = -(torch.softmax(h @ weight.T + bias, -1) - onehot) / (2 * 0.01 * N_TRAIN)
     torch.testing.assert_close(alpha.T @ h @ ht.T, weight.detach() @ ht.T, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="fit_targets must be 'predictions'"):
-        RPSAttributor(task=task, final_linear_layer_name="head", fit_targets="soft")
+        RPSAttributor(task=attributor.task, final_linear_layer_name="head", fit_targets="soft")
 
 
 @pytest.mark.parametrize("normalize", [False, True])
