@@ -68,8 +68,8 @@ def classification_functions(model: nn.Module) -> Functions:
 
     Keys: ``loss``, ``margin`` (batch mean of ``log p/(1-p)``) and ``prob`` take
     ``(params, (x, y))`` as an ``AttributionTask`` does; ``train_loss`` (batch mean
-    cross-entropy) and ``target`` (per-example margin) take ``(params, x, y)`` as stacked
-    training and evaluation do.
+    cross-entropy), ``example_loss`` (its per-example terms) and ``target`` (per-example
+    margin) take ``(params, x, y)`` as stacked training and evaluation do.
     """
 
     def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -80,6 +80,7 @@ def classification_functions(model: nn.Module) -> Functions:
         "margin": lambda p, b: correct_class_margin(logits(p, b[0]), b[1]).mean(),
         "prob": lambda p, b: correct_class_probability(logits(p, b[0]), b[1]).mean(),
         "train_loss": lambda p, x, y: -correct_class_log_prob(logits(p, x), y).mean(),
+        "example_loss": lambda p, x, y: -correct_class_log_prob(logits(p, x), y),
         "target": lambda p, x, y: correct_class_margin(logits(p, x), y),
     }
 

@@ -392,8 +392,10 @@ def build_ground_truth(prep: Prepared, gt_dir: str | Path, kind: str,
         raise ValueError(f"{setting.name} has no LOO metric (its metrics: "
                          f"{', '.join(setting.metrics)}).")
     _check_existing(gt_dir, kind, setting.n_train)
+    # Per-example losses let leave-one-out blocks train on shared windows (same models).
     common = dict(seed=setting.seed, models=models, shard=shard, progress=progress,
-                  block_size=prep.block_size, **prep.recipe)
+                  block_size=prep.block_size, example_loss_fn=prep.fns.get("example_loss"),
+                  **prep.recipe)
     if kind == "lds":
         return retrain_lds(gt_dir, prep.model, prep.fns["train_loss"], prep.x, prep.y,
                            num_models=setting.lds_models, fraction=setting.lds_fraction, **common)

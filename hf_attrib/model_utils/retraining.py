@@ -83,6 +83,7 @@ from hf_attrib.model_utils.block_store import (
     write_block,
 )
 from hf_attrib.model_utils.stacked_training import (
+    ExampleLossFn,
     LossFn,
     check_strategy,
     evaluate_stacked,
@@ -140,6 +141,10 @@ class RetrainBuild:
         strategy: ``"auto"`` (default), ``"stacked"`` or ``"sequential"``; see
             :func:`train_stacked`. :func:`retrain` resolves it once per call
             (:meth:`resolve_strategy`); sequential blocks also store the models' buffers.
+        example_loss_fn: per-example losses whose mean is ``loss_fn``: lets stacks of models
+            sharing one stream (leave-one-out blocks) train on shared windows, several times
+            faster for small models (see :func:`train_stacked`). Not part of the fingerprint:
+            the models are the same up to float rounding.
     """
 
     model: nn.Module
@@ -159,6 +164,7 @@ class RetrainBuild:
     init: str = "seeded"
     stream_ids: Sequence[int] | Tensor | None = None
     strategy: str = "auto"
+    example_loss_fn: ExampleLossFn | None = None
 
     def __post_init__(self) -> None:
         check_strategy(self.strategy)
@@ -366,7 +372,7 @@ def retrain(
             params, buffers = train_stacked(
                 build.model, build.loss_fn, build.x, build.y, build.masks[ids],
                 model_ids=ids, stream_ids=streams, **build.train_kwargs(),
-                strategy=strategy, return_buffers=True,
+                strategy=strategy, return_buffers=True, example_loss_fn=build.example_loss_fn,
             )
             write_block(block_path(directory, block), params, ids, streams,
                         build.masks[ids], {**metadata, "block": str(block)},

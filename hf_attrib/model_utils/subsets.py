@@ -26,6 +26,7 @@ __all__ = [
     "epoch_orders",
     "lds_subsets",
     "loo_subsets",
+    "shared_windows",
     "subset_size",
 ]
 
@@ -191,6 +192,62 @@ def epoch_orders(
         perms = perms.index_select(0, row)  # [M, n]
         keep = torch.gather(masks, 1, perms)
         yield perms[keep].reshape(masks.shape[0], size)
+
+
+def _stream_permutations(n_train: int, epochs: int, seed: int, stream: int) -> Iterator[Tensor]:
+    """Each epoch's permutation of all ``n_train`` examples for one stream (as
+    :func:`epoch_orders` draws them)."""
+    gen = _generator("order", seed, stream)
+    for _ in range(epochs):
+        yield torch.randperm(n_train, generator=gen)
+
+
+def shared_windows(
+    masks: Tensor, *, epochs: int, batch_size: int, seed: int, stream: int,
+    max_width: int | None = None,
+) -> list[list[tuple[Tensor, Tensor]]] | None:
+    """The mini-batches of models that share one random stream, as shared windows.
+
+    Models sharing a stream visit their subsets in the order of one permutation of all
+    examples per epoch (:func:`epoch_orders`). Mini-batch ``j`` of model ``m`` is therefore a
+    set of *consecutive* permutation positions minus the ones outside its subset; when the
+    subsets differ by a few examples (leave-one-out: by one) the batches ``j`` of all models
+    lie in one short run of positions, the *window*. A step can then evaluate every model on
+    the same window of examples, each weighting its own members: inputs shared by all models
+    turn the first layer of every model into one matrix product instead of ``M`` small ones.
+
+    Args:
+        masks: ``[M, n_train]`` boolean subsets of equal size ``k``.
+        epochs: number of epochs.
+        batch_size: mini-batch size.
+        seed: training seed.
+        stream: the one random stream of all the models.
+        max_width: give up (return ``None``) when a window is wider than this (default
+            ``2 * batch_size``): wide windows cost more than they save.
+
+    Returns:
+        Per epoch, per mini-batch, ``(window, member)``: the window's example indices ``[w]``
+        (in visiting order) and ``member[m, t]``, whether example ``window[t]`` is in model
+        ``m``'s mini-batch. Or ``None`` when some window is wider than ``max_width``.
+    """
+    size = subset_size(masks, [stream] * masks.shape[0])
+    limit = 2 * batch_size if max_width is None else max_width
+    epochs_out = []
+    for perm in _stream_permutations(masks.shape[1], epochs, seed, stream):
+        kept = torch.gather(masks, 1, perm.unsqueeze(0).expand(masks.shape[0], -1))
+        rank = kept.long().cumsum(1) - 1                      # position in the model's order
+        batch = torch.where(kept, rank // batch_size, -1)    # its mini-batch, -1 if left out
+        positions = kept.nonzero()[:, 1].reshape(masks.shape[0], size)
+        batches = []
+        for start in range(0, size, batch_size):
+            lo = int(positions[:, start].min())
+            hi = int(positions[:, min(start + batch_size, size) - 1].max()) + 1
+            if hi - lo > limit:
+                return None
+            member = batch[:, lo:hi] == start // batch_size
+            batches.append((perm[lo:hi], member))
+        epochs_out.append(batches)
+    return epochs_out
 
 
 def batch_orders(
