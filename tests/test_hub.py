@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -70,8 +71,13 @@ def test_export_layout_and_cards_parse_back(exported):
     index = json.loads((ck / INDEX_FILE).read_text())
     assert [s["file"] for s in index["kinds"]["lds"]["shards"]] == [
         f"lds/shard-0000{i}-of-00004.safetensors" for i in range(4)]
-    assert index["kinds"]["lds"]["model_map"]["5"] == "lds/shard-00002-of-00004.safetensors"
+    # Model 5 is found through the shards' [start, stop) ranges; the per-model "model_map"
+    # (one JSON entry per model: 5,100 for MNIST-LR) is no longer written (issue 13).
+    assert [s["file"] for s in index["kinds"]["lds"]["shards"]
+            if s["start"] <= 5 < s["stop"]] == ["lds/shard-00002-of-00004.safetensors"]
+    assert all("model_map" not in kind for kind in index["kinds"].values())
     assert index["kinds"]["loo"]["num_models"] == 20
+    assert index["kinds"]["loo"]["left_out"] == list(range(20))  # one id per LOO model
     assert {"config.json", "model.safetensors"} <= {p.name for p in ck.iterdir()}
     for name, entry in index["files"].items():  # every file hashed
         assert sha256_file(ck / name) == entry["sha256"]
@@ -90,6 +96,38 @@ def test_export_layout_and_cards_parse_back(exported):
     assert model_card.data.license == "bsd-3-clause"
     assert model_card.data.datasets == ["hf-attrib/digits-lr"]
     assert "SGD lr 0.01" in model_card.text and "seed 0" in model_card.text
+
+
+def test_lds_subsets_are_bit_packed_and_read_back(exported, tmp_path):
+    """ground_truth/lds.safetensors stores the LDS masks bit-packed (uint8 [M, ceil(n/8)]);
+    read_ground_truth returns the bool masks of the build, also from a /1 export (bool
+    ``masks``), and the index hash of the file is still checked."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_attrib.hub import read_ground_truth
+    from hf_attrib.hub.layout import file_entry
+    from hf_attrib.model_utils.block_store import load_subsets
+
+    out, result = exported
+    masks, _ = load_subsets(out / "ground_truth", "lds")
+    stored = load_file(result.dataset_dir / "ground_truth" / "lds.safetensors")
+    assert "masks" not in stored and stored["masks_packed"].dtype == torch.uint8
+    assert stored["masks_packed"].shape == (8, 15)  # 120 smoke examples / 8 bits
+    assert torch.equal(read_ground_truth(result.dataset_dir).lds_masks, masks)
+    old = tmp_path / "dataset"
+    shutil.copytree(result.dataset_dir, old)
+    path = old / "ground_truth" / "lds.safetensors"
+    del stored["masks_packed"]
+    save_file({**stored, "masks": masks}, str(path))
+    index = json.loads((old / INDEX_FILE).read_text())
+    index["files"]["ground_truth/lds.safetensors"] = file_entry(path)
+    (old / INDEX_FILE).write_text(json.dumps(index))
+    assert torch.equal(read_ground_truth(old).lds_masks, masks)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # the hash check stays
+    path.write_bytes(bytes(raw))
+    with pytest.raises(HubIntegrityError, match=r"lds\.safetensors .*does not match the sha256"):
+        read_ground_truth(old)
 
 
 def test_full_data_model_loads_with_from_pretrained(exported):
@@ -122,8 +160,8 @@ def test_round_trip_push_pull_bench_run_gives_the_same_lds(pushed, exported, tmp
     assert not (tmp_path / "run" / "ground_truth").exists()  # nothing was built
     for a, b in zip(local["methods"], remote["methods"], strict=True):
         assert "error" not in a and "error" not in b
-        for metric in ("lds", "loo", "auc"):
-            assert a[metric] == pytest.approx(b[metric], abs=1e-6), (a["method"], metric)
+        for metric in ("lds", "loo", "auc"):  # the same numbers, not just close ones
+            assert isinstance(a[metric], float) and a[metric] == b[metric], (a["method"], metric)
     # The dataset repo is a real datasets repo served through olah (a fresh process: the
     # clients read HF_ENDPOINT at import time).
     code = ("import datasets; d = datasets.load_dataset('org/digits-lr'); "

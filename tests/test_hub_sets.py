@@ -118,6 +118,90 @@ def test_partial_pull_all_kinds_takes_the_single_models_and_the_range(pushed100,
         "noisy/model.safetensors"])
 
 
+# ------------------------------------------------------------- the export benchmark, on a slice
+def _export_benchmark():
+    """``recipes/mnist/export_benchmark.py`` (the full-size figures), loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / "mnist" / "export_benchmark.py"
+    spec = importlib.util.spec_from_file_location("export_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_slice(local_hub, tmp_path_factory):
+    """The export benchmark's path (random-weight ground truth -> export -> push -> pull
+    ``0:10``) on a slice of digits-lr: 24 LOO + 8 LDS models in shards of 8."""
+    out = tmp_path_factory.mktemp("slice")
+    local_hub.sent.clear()
+    figures = _export_benchmark().run("digits-lr", out, loo=24, lds=8, shard_models=8,
+                                      endpoint=local_hub.endpoint, token=TOKEN,
+                                      repo="org/slice")
+    return out, figures, _file_gets(local_hub)
+
+
+SLICE_PULL = sorted(["README.md", "config.json", INDEX_FILE, "model.safetensors",
+                     "noisy/model.safetensors", "lds/shard-00000-of-00001.safetensors",
+                     "loo/shard-00000-of-00003.safetensors",
+                     "loo/shard-00001-of-00003.safetensors"])
+
+
+@pytest.mark.slow
+def test_export_benchmark_slice_pulls_only_the_shards_of_models_0_to_9(bench_slice):
+    from hf_attrib.model_utils.block_store import LEFT_OUT_KEY, load_stacked, read_block
+
+    out, figures, gets = bench_slice
+    index = json.loads((out / "export" / "checkpoints" / INDEX_FILE).read_text())
+    loo, lds = figures["kinds"]["loo"], figures["kinds"]["lds"]
+    assert (loo["models"], loo["shards"], lds["models"], lds["shards"]) == (24, 3, 8, 1)
+    assert loo["bytes"] == sum(index["files"][s["file"]]["size"]
+                               for s in index["kinds"]["loo"]["shards"])
+    assert figures["shards"] == 4 and figures["export_seconds"] > 0
+    # The ground truth under it is in the compact block format (left-out ids).
+    block = sorted((out / "ground_truth" / "loo").glob("block-*.safetensors"))[0]
+    assert LEFT_OUT_KEY in read_block(block, (LEFT_OUT_KEY,))[0]
+    # Pulled: models 0..9 are in LOO shards 0 and 1 and LDS shard 0; LOO shard 2 stays out.
+    assert figures["pulled_files"] == SLICE_PULL
+    assert sorted(gets) == SLICE_PULL  # what crossed the wire: one GET each, full size
+    want = {name: index["files"][name]["size"] for name in SLICE_PULL if name in index["files"]}
+    assert {name: gets[name] for name in want} == want
+    assert "loo/shard-00002-of-00003.safetensors" not in gets
+    pulled = out / "pulled" / "checkpoints"
+    assert figures["pulled_bytes"] == sum(gets.values()) == sum(
+        (pulled / name).stat().st_size for name in SLICE_PULL)
+    params, _, ids = read_checkpoints(pulled, "loo", "0:10")
+    built, built_ids = load_stacked(out / "ground_truth", "loo", "0:10")
+    assert ids.tolist() == built_ids.tolist() == list(range(10))
+    assert params.keys() == built.keys() and "classifier.weight" in built
+    assert all(torch.equal(params[k], built[k]) for k in built)
+
+
+@pytest.mark.slow
+def test_cli_hub_pull_models_range_downloads_only_those_shards(bench_slice, local_hub,
+                                                               tmp_path):
+    """``hf-attrib hub pull REPO --what checkpoints --models 0:10``, counted on the wire."""
+    import os
+    import subprocess
+    import sys
+
+    out, _, _ = bench_slice
+    index = json.loads((out / "export" / "checkpoints" / INDEX_FILE).read_text())
+    local_hub.sent.clear()
+    env = {**os.environ, "HF_ENDPOINT": local_hub.endpoint, "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run([sys.executable, "-m", "hf_attrib.cli", "hub", "pull",
+                          "org/slice-checkpoints", "--what", "checkpoints", "--models", "0:10",
+                          "--out", str(tmp_path / "p")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode == 0, run.stderr
+    gets = _file_gets(local_hub)
+    assert sorted(gets) == _files(tmp_path / "p" / "checkpoints") == SLICE_PULL
+    shards = {name: size for name, size in gets.items() if "/shard-" in name}
+    assert shards == {name: index["files"][name]["size"] for name in SLICE_PULL
+                      if "/shard-" in name}
+    assert sum(shards.values()) < sum(index["files"][s["file"]]["size"] for kind in
+                                      ("lds", "loo") for s in index["kinds"][kind]["shards"])
+
+
 # ---------------------------------------------------------------------------------- large push
 def test_large_push_commits_in_batches_resumes_and_pulls_back_intact(local_hub, lds100,
                                                                      monkeypatch, tmp_path):

@@ -150,7 +150,7 @@ def test_checksums_are_sha256_of_name_dtype_shape_bytes(clean):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     sums = json.loads(meta["tensor_sha256"])
     assert sorted(sums) == sorted(tensors) == [
-        "__model_ids__", "__stream_ids__", "__subset_indices__", "bias", "weight"]
+        "__model_ids__", "__stream_ids__", "__subset_mask__", "bias", "weight"]
     for name, t in tensors.items():
         h = hashlib.sha256(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -160,7 +160,7 @@ def test_checksums_are_sha256_of_name_dtype_shape_bytes(clean):
         json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-@pytest.mark.parametrize("key", ["weight", "__subset_indices__"])
+@pytest.mark.parametrize("key", ["weight", "__subset_mask__"])
 def test_flipped_bit_read_is_error_naming_file_and_key(copy, key):
     path = copy / "lds" / DAMAGED
     _flip_data_byte(path, key)
@@ -171,14 +171,14 @@ def test_flipped_bit_read_is_error_naming_file_and_key(copy, key):
     assert err.value.key == key and err.value.path == path
     with pytest.raises(CorruptBlockError, match=message):
         read_block(path)
-    if key == "__subset_indices__":
+    if key == "__subset_mask__":
         with pytest.raises(CorruptBlockError, match=message):
             load_subsets(copy, "lds")
     else:  # load_subsets reads (and checks) only the ids and subsets, which are intact
         assert torch.equal(load_subsets(copy, "lds")[0], _build().masks)
 
 
-@pytest.mark.parametrize("key", ["weight", "__subset_indices__"])
+@pytest.mark.parametrize("key", ["weight", "__subset_mask__"])
 def test_flipped_bit_resume_retrains_only_that_block(copy, clean, monkeypatch, key):
     _flip_data_byte(copy / "lds" / DAMAGED, key)
     _resume_repairs(copy, clean, monkeypatch, f"tensor '{key}' does not match its checksum")

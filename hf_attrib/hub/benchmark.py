@@ -19,9 +19,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from hf_attrib.benchmark.data import split_tensors
-from hf_attrib.hub.errors import HubNotFoundError
+from hf_attrib.hub.errors import HubIntegrityError, HubNotFoundError
 from hf_attrib.hub.layout import DEFAULT_ORG, read_index, verified_path
-from hf_attrib.model_utils.block_store import OPEN_END, merge_stacked, parse_model_range
+from hf_attrib.model_utils.block_store import (
+    OPEN_END,
+    merge_stacked,
+    parse_model_range,
+    unpack_masks,
+)
 
 if TYPE_CHECKING:  # imported when called: it loads the benchmark models (transformers)
     from hf_attrib.benchmark.pulled import PulledBenchmark
@@ -82,13 +87,28 @@ def _need(folder: Path, index: dict[str, Any], name: str, what: str) -> Path:
         "(or export the setting again)."))
 
 
+def _lds_masks(lds: dict[str, Tensor], n_train: Any, path: Path) -> Tensor:
+    """The ``[M, n_train]`` LDS masks of ``ground_truth/lds.safetensors``: bit-packed
+    (``masks_packed``, ground-truth format /2) or, in older exports, ``masks`` (bool)."""
+    if "masks" in lds:
+        return lds["masks"].bool()
+    try:
+        return unpack_masks(lds["masks_packed"], int(n_train))
+    except (KeyError, TypeError, ValueError) as err:
+        raise HubIntegrityError(
+            f"{path} holds no LDS subsets for the index's n_train={n_train!r} ({err}): it was "
+            "not written by `hf-attrib hub export`; export the setting again (or pull an "
+            "intact copy with `hf-attrib hub pull`).") from err
+
+
 def read_ground_truth(dataset_dir: str | Path) -> GroundTruth:
     """The ground truth of a dataset repo folder."""
     folder = Path(dataset_dir)
     meta = read_index(folder)
-    lds = load_file(str(_need(folder, meta, "ground_truth/lds.safetensors", "ground-truth")))
-    gt = GroundTruth(lds["masks"].bool(), lds["model_ids"], lds["targets"],
-                     lds["ground_truth_model_ids"], meta=meta)
+    path = _need(folder, meta, "ground_truth/lds.safetensors", "ground-truth")
+    lds = load_file(str(path))
+    gt = GroundTruth(_lds_masks(lds, meta.get("n_train"), path), lds["model_ids"],
+                     lds["targets"], lds["ground_truth_model_ids"], meta=meta)
     if "loo" in meta.get("metrics", []):
         loo = load_file(str(_need(folder, meta, "ground_truth/loo.safetensors",
                                   "ground-truth")))

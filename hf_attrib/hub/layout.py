@@ -41,7 +41,8 @@ DEFAULT_RESULTS_REPO = f"{DEFAULT_ORG}/attribution-results"
 INDEX_FILE = "hf_attrib_index.json"
 INDEX_FORMAT = "hf-attrib-index/1"
 CHECKPOINTS_FORMAT = "hf-attrib-checkpoints/1"
-GROUND_TRUTH_FORMAT = "hf-attrib-ground-truth/1"
+# /2: the LDS subsets bit-packed (`masks_packed`); /1 exports stored them as bool `masks`.
+GROUND_TRUTH_FORMAT = "hf-attrib-ground-truth/2"
 RESULTS_FORMAT = "hf-attrib-results/1"
 CHECKPOINTS_SUFFIX = "-checkpoints"
 # The keys inside checkpoint shards (MODEL_IDS_KEY, BUFFER_PREFIX) are the block format's:

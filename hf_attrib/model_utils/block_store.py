@@ -7,9 +7,20 @@ the first axis. Its tensors (the format :data:`BLOCK_FORMAT`):
 * every parameter under its own name, ``[M, *shape]``;
 * every buffer, for blocks trained by the sequential path, under ``__buffer__.{name}``
   (:data:`BUFFER_PREFIX`);
-* ``__model_ids__`` (:data:`MODEL_IDS_KEY`, ``int64 [M]``), ``__stream_ids__``
-  (:data:`STREAM_IDS_KEY`, ``int64 [M]``) and ``__subset_indices__``
-  (:data:`SUBSET_INDICES_KEY`, ``[M, k]``: the training examples of each model).
+* ``__model_ids__`` (:data:`MODEL_IDS_KEY`, ``int64 [M]``) and ``__stream_ids__``
+  (:data:`STREAM_IDS_KEY`, ``int64 [M]``);
+* the training subset of each model, in one of two encodings (:func:`encode_subsets`):
+  ``__left_out__`` (:data:`LEFT_OUT_KEY`, ``int64 [M]``) when every model of the block leaves
+  out exactly one example (a LOO block: the left-out example), otherwise ``__subset_mask__``
+  (:data:`SUBSET_MASK_KEY`, ``uint8 [M, ceil(n_train / 8)]``: the subset masks bit-packed,
+  example ``i`` in bit ``i % 8`` of byte ``i // 8``; :func:`pack_masks`).
+
+Blocks of the first format (``hf_attrib.retrain.block/1``) stored ``__subset_indices__``
+(:data:`SUBSET_INDICES_KEY`, ``[M, k]``: the kept examples of each model, 4,999 int32 per
+MNIST LOO model where ``/2`` stores one int64); they are still read, and resumed builds keep
+them (their content is the same). Readers return the same thing for both formats:
+:func:`read_block` returns the subsets as ``__subset_indices__`` (decoded), and
+:func:`load_subsets` returns boolean masks.
 
 Its metadata: ``format``, ``kind``, ``block``, ``block_size``, ``num_models``, ``n_train``,
 ``fingerprint`` (of the build), ``strategy``, ``recipe``, and the checksums: a sha256 per
@@ -46,21 +57,28 @@ from torch import Tensor
 
 __all__ = [
     "BLOCK_FORMAT",
+    "BLOCK_FORMATS_READ",
     "BUFFER_PREFIX",
+    "LEFT_OUT_KEY",
     "MODEL_IDS_KEY",
     "OPEN_END",
     "RESERVED_KEYS",
     "STREAM_IDS_KEY",
     "SUBSET_INDICES_KEY",
+    "SUBSET_KEYS",
+    "SUBSET_MASK_KEY",
     "CorruptBlockError",
     "ModelRange",
     "block_ids",
     "block_metadata",
     "block_path",
     "check_kind",
+    "decode_subsets",
+    "encode_subsets",
     "load_stacked",
     "load_subsets",
     "merge_stacked",
+    "pack_masks",
     "parse_model_range",
     "read_block",
     "remove_stale_temps",
@@ -68,16 +86,23 @@ __all__ = [
     "stacked_tensors",
     "subset_indices",
     "tensor_bytes",
+    "unpack_masks",
     "write_block",
 ]
 
 ModelRange = slice | tuple[int, int] | str
 
-BLOCK_FORMAT = "hf_attrib.retrain.block/1"
+BLOCK_FORMAT = "hf_attrib.retrain.block/2"
+# Formats read: /1 stored the kept indices (SUBSET_INDICES_KEY); /2 the compact encodings.
+BLOCK_FORMATS_READ = ("hf_attrib.retrain.block/1", BLOCK_FORMAT)
 MODEL_IDS_KEY = "__model_ids__"
 STREAM_IDS_KEY = "__stream_ids__"
 SUBSET_INDICES_KEY = "__subset_indices__"
-RESERVED_KEYS = (MODEL_IDS_KEY, STREAM_IDS_KEY, SUBSET_INDICES_KEY)
+LEFT_OUT_KEY = "__left_out__"
+SUBSET_MASK_KEY = "__subset_mask__"
+# The keys a block may store its subsets under (one per block): /1's, then /2's two.
+SUBSET_KEYS = (SUBSET_INDICES_KEY, LEFT_OUT_KEY, SUBSET_MASK_KEY)
+RESERVED_KEYS = (MODEL_IDS_KEY, STREAM_IDS_KEY, *SUBSET_KEYS)
 BUFFER_PREFIX = "__buffer__."
 # Checksums in the block metadata: a sha256 per tensor (over its name, dtype, shape and bytes),
 # and one over the whole metadata (which holds the per-tensor ones, in sorted key order).
@@ -237,7 +262,7 @@ def _not_a_block(path: Path, meta: Mapping[str, str]) -> ValueError:
 def _checked_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, str]:
     """``meta`` after checking it against the block checksum (raises CorruptBlockError)."""
     if _BLOCK_SUM_KEY not in meta:
-        if meta.get("format") != BLOCK_FORMAT:
+        if meta.get("format") not in BLOCK_FORMATS_READ:
             raise _not_a_block(path, meta)
         raise CorruptBlockError(path, f"{path} has no checksums (it was written by an "
                                 "hf_attrib version before block checksums), so its content "
@@ -245,7 +270,7 @@ def _checked_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, str]:
     if _metadata_digest(meta) != meta[_BLOCK_SUM_KEY]:
         raise CorruptBlockError(path, f"{path}: the block metadata does not match its "
                                 f"checksum ({_BLOCK_SUM_KEY}); the file is corrupt.", "metadata")
-    if meta.get("format") != BLOCK_FORMAT:
+    if meta.get("format") not in BLOCK_FORMATS_READ:
         raise _not_a_block(path, meta)
     try:
         sums = json.loads(meta.get(_TENSOR_SUMS_KEY, ""))
@@ -272,35 +297,18 @@ def block_metadata(path: Path) -> dict[str, str]:
     return _checked_metadata(path, meta)
 
 
-def read_block(
-    path: str | os.PathLike[str], keys: Sequence[str] | None = None
+def _read_stored(
+    path: Path, keys: Sequence[str] | None
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read one retrain block, every tensor read checked against its stored checksum.
-
-    Blocks written by :func:`.retrain` carry a sha256 per tensor (over its name, dtype, shape
-    and bytes) and one over the metadata, which holds the per-tensor ones. A flipped bit
-    in a tensor read (its data or its header entry) or in the metadata is an error that
-    names the file and the tensor key.
-
-    Args:
-        path: a ``block-NNNNN.safetensors`` file.
-        keys: read only these tensors (e.g. ``("__model_ids__", "__subset_indices__")``);
-            default all. Only the tensors read are hashed.
-
-    Returns:
-        ``(tensors, metadata)``.
-
-    Raises:
-        CorruptBlockError: the file is unreadable, fails a checksum, or has no checksums
-            (written by an older version); the message says how to rebuild the block.
-        ValueError: the file is not a retrain block, or lacks a requested key.
-    """
-    path = Path(path)
+    """The tensors ``keys`` (default all) as stored, each checked against its checksum;
+    ``SUBSET_INDICES_KEY`` in ``keys`` names whichever subset key the block stores."""
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
             names = set(f.keys())
-            wanted = sorted(names) if keys is None else list(keys)
+            stored_subsets = next((k for k in SUBSET_KEYS if k in names), SUBSET_INDICES_KEY)
+            wanted = sorted(names) if keys is None else list(dict.fromkeys(
+                stored_subsets if k == SUBSET_INDICES_KEY else k for k in keys))
             tensors = {k: f.get_tensor(k) for k in wanted if k in names}
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise _unreadable(path, err) from err
@@ -321,13 +329,128 @@ def read_block(
     return tensors, meta
 
 
+def _block_masks(path: Path, tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> Tensor:
+    """The ``[M, n_train]`` subset masks of a block, from whichever key it stores them
+    under (checksums already verified: a failure here is a block written inconsistently)."""
+    try:
+        return decode_subsets(tensors, int(meta["n_train"]))
+    except ValueError as err:
+        key = next((k for k in SUBSET_KEYS if k in tensors), None)
+        raise CorruptBlockError(path, f"{path}: the subsets cannot be decoded ({err}); the "
+                                "file is corrupt.", key) from err
+
+
+def read_block(
+    path: str | os.PathLike[str], keys: Sequence[str] | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read one retrain block, every tensor read checked against its stored checksum.
+
+    Blocks written by :func:`.retrain` carry a sha256 per tensor (over its name, dtype, shape
+    and bytes) and one over the metadata, which holds the per-tensor ones. A flipped bit
+    in a tensor read (its data or its header entry) or in the metadata is an error that
+    names the file and the tensor key.
+
+    The subsets are returned as ``__subset_indices__`` (``[M, k]``, :func:`subset_indices`)
+    whichever way the block stores them (``/1``: as such; ``/2``: ``__left_out__`` or
+    ``__subset_mask__``, decoded after their checksums are checked), so readers see the same
+    tensors for both formats. A stored key asked for by its own name is returned as stored.
+
+    Args:
+        path: a ``block-NNNNN.safetensors`` file.
+        keys: read only these tensors (e.g. ``("__model_ids__", "__subset_indices__")``);
+            default all. Only the tensors read are hashed.
+
+    Returns:
+        ``(tensors, metadata)``.
+
+    Raises:
+        CorruptBlockError: the file is unreadable, fails a checksum, or has no checksums
+            (written by an older version); the message says how to rebuild the block.
+        ValueError: the file is not a retrain block, or lacks a requested key.
+    """
+    path = Path(path)
+    tensors, meta = _read_stored(path, keys)
+    asked = set(keys or ())
+    compact = [k for k in (LEFT_OUT_KEY, SUBSET_MASK_KEY) if k in tensors and k not in asked]
+    if compact:
+        masks = _block_masks(path, {compact[0]: tensors.pop(compact[0])}, meta)
+        tensors[SUBSET_INDICES_KEY] = subset_indices(masks)
+    return tensors, meta
+
 
 def subset_indices(masks: Tensor) -> Tensor:
-    """The training examples of each model, ``[M, k]`` (int32, or int64 for huge sets): how a
-    block stores its ``[M, n_train]`` subset masks (all subsets of a block have size ``k``)."""
+    """The training examples of each model, ``[M, k]`` (int32, or int64 for huge sets): how
+    ``/1`` blocks stored their ``[M, n_train]`` subset masks, and how :func:`read_block`
+    returns the subsets of every block (all subsets of a block have size ``k``)."""
     size = int(masks[0].sum()) if masks.shape[0] else 0
     dtype = torch.int32 if masks.shape[1] < 2**31 else torch.int64
     return masks.nonzero()[:, 1].reshape(masks.shape[0], size).to(dtype)
+
+
+_BIT_VALUES = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+
+
+def pack_masks(masks: Tensor) -> Tensor:
+    """Bit-pack ``[M, n]`` boolean masks into ``uint8 [M, ceil(n / 8)]``: example ``i`` is bit
+    ``i % 8`` (least significant first) of byte ``i // 8``; the padding bits are 0."""
+    masks = masks.detach().cpu().bool()
+    rows, n = masks.shape
+    padded = torch.nn.functional.pad(masks.to(torch.uint8), (0, -n % 8))
+    return (padded.reshape(rows, -1, 8) * _BIT_VALUES).sum(-1, dtype=torch.uint8)
+
+
+def unpack_masks(packed: Tensor, n: int) -> Tensor:
+    """The ``[M, n]`` boolean masks that :func:`pack_masks` packed.
+
+    Raises:
+        ValueError: ``packed`` is not ``uint8 [M, ceil(n / 8)]``, or a padding bit is set.
+    """
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != -(-n // 8):
+        raise ValueError(f"packed masks of {n} examples must be uint8 [M, {-(-n // 8)}], got "
+                         f"{packed.dtype} {list(packed.shape)}")
+    bits = (packed.unsqueeze(-1) & _BIT_VALUES).ne(0).reshape(packed.shape[0], -1)
+    if bits[:, n:].any():
+        raise ValueError(f"packed masks of {n} examples have bits set past example {n - 1}")
+    return bits[:, :n].contiguous()
+
+
+def encode_subsets(masks: Tensor) -> dict[str, Tensor]:
+    """The compact stored form of ``[M, n_train]`` subset masks.
+
+    Returns:
+        ``{LEFT_OUT_KEY: int64 [M]}`` (the example each model leaves out) when every model
+        leaves out exactly one example, else ``{SUBSET_MASK_KEY: uint8 [M, ceil(n_train/8)]}``
+        (:func:`pack_masks`).
+    """
+    masks = masks.detach().cpu().bool()
+    n = masks.shape[1]
+    if n > 0 and bool((masks.sum(1) == n - 1).all()):
+        return {LEFT_OUT_KEY: (~masks).to(torch.uint8).argmax(1).to(torch.int64)}
+    return {SUBSET_MASK_KEY: pack_masks(masks)}
+
+
+def decode_subsets(tensors: Mapping[str, Tensor], n_train: int) -> Tensor:
+    """The ``[M, n_train]`` boolean subset masks from a block's stored subset key (any of
+    :data:`SUBSET_KEYS`: ``/1``'s indices or ``/2``'s left-out ids or packed masks).
+
+    Raises:
+        ValueError: no subset key, or one whose content does not fit ``n_train``.
+    """
+    if LEFT_OUT_KEY in tensors:
+        left = tensors[LEFT_OUT_KEY].long()
+        if left.dim() != 1 or bool(((left < 0) | (left >= n_train)).any()):
+            raise ValueError(f"{LEFT_OUT_KEY} must be [M] ids in [0, {n_train})")
+        masks = torch.ones(left.numel(), n_train, dtype=torch.bool)
+        masks[torch.arange(left.numel()), left] = False
+        return masks
+    if SUBSET_MASK_KEY in tensors:
+        return unpack_masks(tensors[SUBSET_MASK_KEY], n_train)
+    if SUBSET_INDICES_KEY in tensors:
+        kept = tensors[SUBSET_INDICES_KEY].long()
+        if kept.dim() != 2 or bool(((kept < 0) | (kept >= n_train)).any()):
+            raise ValueError(f"{SUBSET_INDICES_KEY} must be [M, k] ids in [0, {n_train})")
+        return torch.zeros(kept.shape[0], n_train, dtype=torch.bool).scatter_(1, kept, True)
+    raise ValueError(f"no subsets (none of {list(SUBSET_KEYS)})")
 
 
 def stacked_tensors(
@@ -366,7 +489,7 @@ def merge_stacked(
 
     Args:
         files: the tensors of each file, in model-id order, with the same keys (drop the
-            block-only keys :data:`STREAM_IDS_KEY` and :data:`SUBSET_INDICES_KEY` first).
+            block-only keys :data:`STREAM_IDS_KEY` and :data:`SUBSET_KEYS` first).
         models: ``(a, b)`` from :func:`parse_model_range`; ``None``: every model.
 
     Returns:
@@ -398,19 +521,27 @@ def write_block(
         params: ``{name: [M, ...]}`` stacked parameters.
         ids: the ``M`` model ids.
         streams: their stream ids.
-        masks: their ``[M, n_train]`` subset masks (stored as :func:`subset_indices`).
+        masks: their ``[M, n_train]`` subset masks, all of one size (stored as
+            :func:`encode_subsets` chooses: the left-out example of each model of a LOO
+            block, else the bit-packed masks).
         metadata: the block's metadata (``format``, ``block``, ``fingerprint``, ...); the
             checksums are added.
         buffers: ``{name: [M, ...]}`` stacked buffers (sequential path), if any.
 
     Raises:
-        ValueError: a parameter name is one the format reserves.
+        ValueError: a parameter name is one the format reserves, or the subsets differ in
+            size.
         OSError: the write failed; on a full disk the message says how much space the block
             needs and what to do (no partial file is left).
     """
+    sizes = masks.sum(1)
+    if masks.shape[0] and not bool((sizes == sizes[0]).all()):
+        raise ValueError(f"the models of block {path.name} have subsets of different sizes "
+                         f"({sorted(set(sizes.tolist()))}); a block trains one stack, whose "
+                         "subsets all have one size.")
     tensors = stacked_tensors(params, ids, buffers)
     tensors[STREAM_IDS_KEY] = torch.tensor(streams, dtype=torch.int64)
-    tensors[SUBSET_INDICES_KEY] = subset_indices(masks)
+    tensors.update(encode_subsets(masks))
     _write_atomic(path, safetensors_save(tensors, metadata=_seal(tensors, metadata)))
 
 
@@ -535,14 +666,17 @@ def load_stacked(
     files = []
     names = None
     for _, path in blocks:
-        tensors, _ = read_block(path)
+        tensors, _ = _read_stored(path, None)  # all checked; the subsets are not decoded
+        # Without the block-only keys: a resumed build mixes /1 and /2 blocks, which store
+        # their subsets under different keys.
+        tensors = {name: tensor for name, tensor in tensors.items()
+                   if name != STREAM_IDS_KEY and name not in SUBSET_KEYS}
         if names is None:
             names = set(tensors)
         elif set(tensors) != names:
             raise ValueError(f"{path} holds other tensors than the first block "
                              f"(differs in {sorted(set(tensors) ^ names)}).")
-        files.append({name: tensor for name, tensor in tensors.items()
-                      if name not in (STREAM_IDS_KEY, SUBSET_INDICES_KEY)})
+        files.append(tensors)
     params, buffers, ids = merge_stacked(files, (start, stop))
     return (params, buffers, ids) if with_buffers else (params, ids)
 
@@ -565,16 +699,12 @@ def load_subsets(
             has none); see :func:`load_stacked`.
     """
     check_kind(kind)
-    blocks, start, stop, meta = _needed_blocks(Path(out_dir) / kind, kind, models)
-    n_train = int(meta["n_train"])
+    blocks, start, stop, _ = _needed_blocks(Path(out_dir) / kind, kind, models)
     masks, ids = [], []
     for _, path in blocks:
-        tensors, _ = read_block(path, (MODEL_IDS_KEY, SUBSET_INDICES_KEY))
-        got_ids, subsets = tensors[MODEL_IDS_KEY], tensors[SUBSET_INDICES_KEY].long()
-        mask = torch.zeros(got_ids.numel(), n_train, dtype=torch.bool)
-        mask.scatter_(1, subsets, True)
-        masks.append(mask)
-        ids.append(got_ids)
+        tensors, block_meta = _read_stored(path, (MODEL_IDS_KEY, SUBSET_INDICES_KEY))
+        masks.append(_block_masks(path, tensors, block_meta))
+        ids.append(tensors[MODEL_IDS_KEY])
     all_ids, all_masks = torch.cat(ids), torch.cat(masks)
     keep = (all_ids >= start) & (all_ids < stop)
     return all_masks[keep], all_ids[keep]

@@ -305,8 +305,9 @@ def retrain(
     as one stack by :func:`train_stacked`, so its result does not depend on which process
     trains it or when. Each finished block is written atomically (a temporary file in the same
     folder, then ``os.replace``) to ``out_dir/{kind}/block-{b:05d}.safetensors`` with the
-    stacked parameters (keys = parameter names), the model ids, stream ids and subset indices
-    (``__model_ids__``, ``__stream_ids__``, ``__subset_indices__``) and the configuration
+    stacked parameters (keys = parameter names), the model ids, stream ids and subsets
+    (``__model_ids__``, ``__stream_ids__``, and ``__left_out__`` for LOO blocks or the
+    bit-packed ``__subset_mask__``; see :mod:`.block_store`) and the configuration
     fingerprint. When ``build`` resolves to the sequential path (buffers that change in
     training mode, e.g. BatchNorm, or ``strategy="sequential"``; see :func:`train_stacked`),
     the block also holds every model's buffers, stacked, under ``__buffer__.{name}`` (the
