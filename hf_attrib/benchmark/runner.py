@@ -43,7 +43,7 @@ from hf_attrib.benchmark.builders import (
     load_state,
     setting_functions,
 )
-from hf_attrib.benchmark.data import BenchmarkData, build_data, split_tensors
+from hf_attrib.benchmark.data import BenchmarkData, build_data, data_fingerprint, split_tensors
 from hf_attrib.benchmark.midi import NUM_EVENTS
 from hf_attrib.benchmark.music import build_maestro, build_maestro_test_set
 from hf_attrib.benchmark.pulled import PulledBenchmark
@@ -566,6 +566,7 @@ def run_benchmark(
     results = {
         "setting": setting.name, "smoke": smoke, "search": search,
         "n_train": setting.n_train, "n_test": setting.n_test,
+        "data_fingerprint": data_fingerprint(data),  # names the exact sample used
         "loo_examples": len(loo_ids) if "loo" in setting.metrics else 0,
         "device": device, "hf_attrib_version": __version__, "methods": rows,
     }
