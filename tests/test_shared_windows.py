@@ -147,3 +147,79 @@ def test_retrain_loo_with_example_loss_matches_without(tmp_path):
         assert torch.equal(ids_fast, ids_slow)
         for name in fast:
             torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=0)
+
+
+class _Flatten(nn.Module):
+    """Images in, the first Linear sees them flattened (as the benchmark's models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(DIM, 8), nn.ReLU(),
+                                  nn.Linear(8, CLASSES))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _Scaled(nn.Module):
+    """The first Linear does not see the raw input: the GEMM path must not be used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(DIM, CLASSES)
+
+    def forward(self, x):
+        return self.layer(2 * x)
+
+
+@pytest.mark.parametrize("kind, taken", [("linear", True), ("mlp", True), ("flatten", True),
+                                          ("scaled", False)])
+def test_input_layer_runs_as_one_matrix_product(monkeypatch, kind, taken):
+    import hf_attrib.model_utils.stacked_training as st
+
+    torch.manual_seed(0)
+    model = {"flatten": _Flatten, "scaled": _Scaled}.get(kind, lambda: _model(kind))()
+    loss_fn, example_loss_fn = _losses(model)
+    x, y = _data()
+    if kind == "flatten":
+        x = x.reshape(N_TRAIN, 2, 3)
+    calls = []
+    real = st._InputLayerGrad.__call__
+    monkeypatch.setattr(st._InputLayerGrad, "__call__",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    masks = loo_subsets(N_TRAIN, [2, 9, 30])
+    fast = train_stacked(model, loss_fn, x, y, masks, stream_ids=[0] * 3,
+                         example_loss_fn=example_loss_fn, **RECIPE)
+    steps = RECIPE["epochs"] * -(-(N_TRAIN - 1) // RECIPE["batch_size"])
+    # every step, plus the one check on the first window
+    assert len(calls) == (steps + 1 if taken else 0)
+    slow = train_stacked(model, loss_fn, x, y, masks, stream_ids=[0] * 3, **RECIPE)
+    for name in slow:
+        torch.testing.assert_close(fast[name], slow[name], atol=1e-5, rtol=0)
+
+
+def test_benchmark_models_take_the_input_layer_path(monkeypatch):
+    """MNIST's LR and MLP (dropout on) train their input layer as one GEMM, same models."""
+    import hf_attrib.model_utils.stacked_training as st
+    from hf_attrib.benchmark.builders import build_model, classification_functions
+    from hf_attrib.benchmark.settings import get_setting
+
+    calls = []
+    real = st._InputLayerGrad.__call__
+    monkeypatch.setattr(st._InputLayerGrad, "__call__",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(30, 1, 28, 28, generator=g), torch.randint(0, 10, (30,), generator=g)
+    for name in ("mnist_lr", "mnist_mlp"):
+        model = build_model(get_setting(name))
+        fns = classification_functions(model)
+        calls.clear()
+        masks = loo_subsets(30, [0, 29])
+        kw = dict(epochs=1, batch_size=8, lr=0.05, stream_ids=[0, 0])
+        fast = train_stacked(model, fns["train_loss"], x, y, masks,
+                             example_loss_fn=fns["example_loss"], **kw)
+        assert len(calls) == 5, name  # 4 steps + the check
+        if name == "mnist_lr":  # no dropout: the per-model path gives the same models
+            slow = train_stacked(model, fns["train_loss"], x, y, masks, **kw)
+            for key in slow:
+                torch.testing.assert_close(fast[key], slow[key], atol=1e-5, rtol=0)

@@ -263,7 +263,7 @@ def _train_vmap(
     try:
         with _rng_scope(device, derive_seed("dropout", seed, *ids)):
             if windows is not None:
-                _window_steps(example_loss_fn, train_p, frozen, x, y, windows, opt)
+                _window_steps(model, example_loss_fn, train_p, frozen, x, y, windows, opt)
                 return {n: params[n].detach() for n in params_named}
             for order in epoch_orders(masks, epochs, seed, streams):
                 order = order.to(device)
@@ -281,15 +281,17 @@ def _train_vmap(
 
 
 def _window_steps(
-    example_loss_fn: ExampleLossFn, train_p: dict[str, Tensor], frozen: dict[str, Tensor],
-    x: Tensor, y: Tensor, windows: list[list[tuple[Tensor, Tensor]]],
-    opt: _StackedSGD | _StackedAdam,
+    model: nn.Module, example_loss_fn: ExampleLossFn, train_p: dict[str, Tensor],
+    frozen: dict[str, Tensor], x: Tensor, y: Tensor,
+    windows: list[list[tuple[Tensor, Tensor]]], opt: _StackedSGD | _StackedAdam,
 ) -> None:
     """Train on shared windows (:func:`.shared_windows`): every model sees the same inputs.
 
     Model ``m``'s loss on a window is ``sum_t member[m, t] * l_t / sum_t member[m, t]``: the
     mean loss over exactly its own mini-batch, as on the per-model path. The inputs carry no
-    model dimension, so ``vmap`` turns the first layer of all models into one matrix product.
+    model dimension, so when the model's first layer is an ``nn.Linear`` on the raw input
+    (found and verified by :func:`_input_layer`) it runs for all models as one matrix product
+    outside ``vmap`` (:class:`_InputLayerGrad`); otherwise the whole model runs under ``vmap``.
     """
 
     def window_loss(train: dict[str, Tensor], fixed: dict[str, Tensor], xw: Tensor,
@@ -299,13 +301,132 @@ def _window_steps(
 
     grad_fn = torch.func.vmap(torch.func.grad(window_loss), in_dims=(0, 0, None, None, 0),
                               randomness="different")
+    fast = None
+    first = windows[0][0] if windows and windows[0] else None
+    if first is not None:
+        layer = _input_layer(model, example_loss_fn, train_p, frozen, x, y, first)
+        if layer is not None:
+            fast = _InputLayerGrad(model, example_loss_fn, layer)
     for batches in windows:
         for window, member in batches:
             window = window.to(x.device)
             xw, yw = x.index_select(0, window), y.index_select(0, window)
-            grads = grad_fn(train_p, frozen, xw, yw, member.to(x.device, x.dtype))
+            member = member.to(x.device, x.dtype)
+            grads = (fast(train_p, frozen, xw, yw, member) if fast is not None
+                     else grad_fn(train_p, frozen, xw, yw, member))
             with torch.no_grad():
                 opt.step(train_p, grads)
+
+
+class _InputLayerGrad:
+    """Gradients of the window losses with the input layer as one matrix product.
+
+    With shared inputs ``X [t, d]`` and the models' input-layer weights ``W [M, o, d]``,
+    ``Z_m = X W_m^T + b_m`` for all models is one GEMM ``X [W_1; ...; W_M]^T``. The rest of the
+    network runs under ``vmap`` from ``Z_m`` (the layer's forward is replaced by ``Z_m`` for
+    the call), giving ``dL_m/dZ_m``; then ``dL_m/dW_m = (dL_m/dZ_m)^T X`` is again one GEMM for
+    all models and ``dL_m/db_m`` a sum over the window. Same gradients as the plain window
+    path (verified on the first window by :func:`_input_layer`), without ``M`` small matrix
+    products against the same inputs.
+    """
+
+    def __init__(self, model: nn.Module, example_loss_fn: ExampleLossFn,
+                 layer: tuple[str, nn.Linear]) -> None:
+        self.name, self.module = layer
+        prefix = f"{self.name}." if self.name else ""  # "" when the model is the layer
+        self.weight, self.bias = f"{prefix}weight", f"{prefix}bias"
+        self.model, self.example_loss_fn = model, example_loss_fn
+
+        def rest_loss(train: dict[str, Tensor], fixed: dict[str, Tensor], z: Tensor,
+                      xw: Tensor, yw: Tensor, member: Tensor) -> Tensor:
+            self.module.forward = lambda _inp: z  # the input layer's output, given
+            try:
+                losses = example_loss_fn({**train, **fixed}, xw, yw)
+            finally:
+                del self.module.forward
+            return (losses * member).sum() / member.sum()
+
+        self.grad_fn = torch.func.vmap(torch.func.grad(rest_loss, argnums=(0, 2)),
+                                       in_dims=(0, 0, 0, None, None, 0),
+                                       randomness="different")
+
+    def __call__(self, train_p: dict[str, Tensor], frozen: dict[str, Tensor], xw: Tensor,
+                 yw: Tensor, member: Tensor) -> dict[str, Tensor]:
+        weight = train_p[self.weight]                           # [M, o, d]
+        bias = train_p.get(self.bias, frozen.get(self.bias))     # [M, o] or None
+        num, out_dim, in_dim = weight.shape
+        flat = xw.reshape(xw.shape[0], -1)                       # [t, d]
+        with torch.no_grad():
+            z = (flat @ weight.reshape(num * out_dim, in_dim).T).reshape(-1, num, out_dim)
+            z = z.transpose(0, 1)                                # [M, t, o]
+            if bias is not None:
+                z = z + bias.unsqueeze(1)
+        rest = {n: v for n, v in train_p.items() if n not in (self.weight, self.bias)}
+        fixed = {n: v for n, v in frozen.items() if n not in (self.weight, self.bias)}
+        grads, dz = self.grad_fn(rest, fixed, z, xw, yw, member)  # dz: [M, t, o]
+        grads = dict(grads)
+        grads[self.weight] = (dz.transpose(1, 2).reshape(num * out_dim, -1) @ flat
+                              ).reshape(num, out_dim, in_dim)
+        if self.bias in train_p:
+            grads[self.bias] = dz.sum(1)
+        return grads
+
+
+def _input_layer(
+    model: nn.Module, example_loss_fn: ExampleLossFn, train_p: dict[str, Tensor],
+    frozen: dict[str, Tensor], x: Tensor, y: Tensor, first: tuple[Tensor, Tensor],
+) -> tuple[str, nn.Linear] | None:
+    """The ``nn.Linear`` that the model applies first, to its raw (flattened) input, if any.
+
+    Found by one forward pass of model 0 with hooks; accepted only if its weight is trained
+    and :class:`_InputLayerGrad` reproduces the plain window gradients on the first window
+    (in eval mode, so dropout cannot blur the comparison).
+    """
+    window, member = first
+    xw, yw = x.index_select(0, window.to(x.device)), y.index_select(0, window.to(x.device))
+    names = {m: n for n, m in model.named_modules()}
+    seen: list[tuple[nn.Module, Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: seen.append((mod, inp[0])))
+             for m in model.modules()]
+    one = {n: v[0] for n, v in {**train_p, **frozen}.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            example_loss_fn(one, xw, yw)
+    finally:
+        for h in hooks:
+            h.remove()
+    # Leaves in call order; reshaping ones may come first, anything else (e.g. dropout on
+    # the input, identity in eval mode only) rules the shortcut out.
+    leaves = [(mod, inp) for mod, inp in seen if not list(mod.children())
+              and not isinstance(mod, (nn.Flatten, nn.Identity))]
+    if not leaves or not isinstance(leaves[0][0], nn.Linear):
+        model.train(was_training)
+        return None
+    module, inp = leaves[0]
+    name = names[module]
+    if ((f"{name}.weight" if name else "weight") not in train_p or inp.shape[0] != xw.shape[0]
+            or not torch.equal(inp.reshape(xw.shape[0], -1), xw.reshape(xw.shape[0], -1))):
+        model.train(was_training)
+        return None
+    try:
+        fast = _InputLayerGrad(model, example_loss_fn, (name, module))
+        member = member.to(x.device, x.dtype)
+
+        def window_loss(train: dict[str, Tensor], fixed: dict[str, Tensor], xb: Tensor,
+                        yb: Tensor, mb: Tensor) -> Tensor:
+            losses = example_loss_fn({**train, **fixed}, xb, yb)
+            return (losses * mb).sum() / mb.sum()
+
+        plain = torch.func.vmap(torch.func.grad(window_loss), in_dims=(0, 0, None, None, 0))(
+            train_p, frozen, xw, yw, member)
+        got = fast(train_p, frozen, xw, yw, member)
+    finally:
+        model.train(was_training)
+    same = plain.keys() == got.keys() and all(
+        torch.allclose(got[n], plain[n], rtol=1e-4, atol=1e-6) for n in plain)
+    return (name, module) if same else None
 
 
 def check_example_loss(
