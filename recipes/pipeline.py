@@ -148,9 +148,13 @@ class Context:
 
     @property
     def loo_examples(self) -> int | None:
+        """LOO models to build: ``[loo_examples_by_setting] SETTING = n`` in the config, else the
+        recipe-wide ``loo_examples``, else every training example (20 at most in smoke runs)."""
+        per_setting = self.cfg.get("loo_examples_by_setting", {}).get(self.setting_name)
+        count = per_setting or self.cfg.get("loo_examples")
         if self.smoke:
-            return min(self.cfg.get("loo_examples") or 20, 20)
-        return self.cfg.get("loo_examples")
+            return min(count or 20, 20)
+        return count
 
     def source_dir(self) -> str | None:
         """The source data folder: ``--data-dir``, or synthetic images (``synthetic_images``
@@ -295,6 +299,13 @@ def _methods(ctx: Context) -> list[str]:
     return methods
 
 
+def searched(cfg: dict[str, Any], setting: str, method: str) -> bool:
+    """Whether ``method`` runs over its Appendix C.1 grid: ``search`` on and the method not in
+    ``[no_search] SETTING = [...]`` (methods whose grid costs too much at that scale run at the
+    benchmark's defaults, the best of the grid on the digits stand-in)."""
+    return bool(cfg["search"]) and method not in cfg.get("no_search", {}).get(setting, [])
+
+
 def stage_attribute(ctx: Context) -> dict[str, Any]:
     from hf_attrib.benchmark.runner import ensemble_models_needed, run_benchmark
     from hf_attrib.hub.benchmark import pull_benchmark
@@ -318,8 +329,8 @@ def stage_attribute(ctx: Context) -> dict[str, Any]:
             ctx.setting_name, [method], smoke=ctx.smoke))
         results = run_benchmark(ctx.setting_name, methods=[method], out_dir=out,
                                 device=ctx.device, smoke=ctx.smoke, data_dir=ctx.source_dir(),
-                                search=bool(ctx.cfg["search"]), progress=ctx.progress,
-                                pulled=pulled)
+                                search=searched(ctx.cfg, ctx.setting_name, method),
+                                progress=ctx.progress, pulled=pulled)
         seconds = time.perf_counter() - start
         atomic_write_json(marker, {"seconds": seconds, "row": results["methods"][0]})
         ctx.log("attribute", "method-done", method=method, seconds=round(seconds, 2))
@@ -340,6 +351,7 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         first = first or results
         row = results["methods"][0]
         row["attribute_seconds_total"] = sum(t.get("seconds", 0.0) for t in row.get("trials", []))
+        row["searched"] = bool(results.get("search"))
         rows.append(row)
     results = {**{k: first[k] for k in ("setting", "smoke", "search", "n_train", "n_test",
                                          "loo_examples", "device", "ground_truth_source")

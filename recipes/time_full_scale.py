@@ -4,6 +4,8 @@
     python recipes/time_full_scale.py mnist-lr-lds        # the 100 LDS LR models, 5,000 x 784
     python recipes/time_full_scale.py mnist-lr-lds --setting mnist_mlp --models 10
     python recipes/time_full_scale.py steps                # one training step of every model
+    python recipes/time_full_scale.py mnist-lr-loo --models 250 --repeats 2
+                                   # one LOO block, shared windows vs per-model batches, interleaved
 
 ``mnist-lr-lds`` trains the 100 LDS models of ``mnist_lr`` (half subsets of 5,000 examples,
 20 epochs, SGD 0.01/0.9, batch 64) with the benchmark's stacked retraining
@@ -52,6 +54,48 @@ def mnist_lr_lds(num_models: int, threads: int | None, setting: str = "mnist_lr"
             "torch_threads": torch.get_num_threads()}
 
 
+def mnist_loo_block(num_models: int, repeats: int, setting: str = "mnist_lr",
+                    epochs: int | None = None) -> list[dict]:
+    """One block of ``num_models`` LOO models, trained both ways, interleaved ``repeats`` times.
+
+    ``window``: shared windows + the input layer as one GEMM (``example_loss_fn`` given, what
+    the benchmark runs); ``per-model``: every model gathers its own mini-batch (no
+    ``example_loss_fn``, the path before shared windows). Useful FLOP per model: forward and
+    weight gradient of every layer, ``4 * params * examples * epochs`` (the input gradient of
+    the first layer is never needed), the same for both paths.
+    """
+    from hf_attrib.benchmark.runner import build_model, classification_functions
+    from hf_attrib.benchmark.settings import get_setting
+    from hf_attrib.model_utils.retraining import train_stacked
+    from hf_attrib.model_utils.subsets import loo_subsets
+
+    s = get_setting(setting)
+    epochs = epochs or s.train.epochs
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(s.n_train, 784, generator=gen)
+    y = torch.randint(0, 10, (s.n_train,), generator=gen)
+    model = build_model(s)
+    fns = classification_functions(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    masks = loo_subsets(s.n_train, range(num_models))
+    flop = 4 * n_params * (s.n_train - 1) * epochs * num_models
+    kw = dict(epochs=epochs, batch_size=s.train.batch_size, lr=s.train.lr,
+              momentum=s.train.momentum, stream_ids=[0] * num_models, init="seeded")
+    rows = []
+    for _ in range(repeats):
+        for path in ("window", "per-model"):
+            extra = {"example_loss_fn": fns["example_loss"]} if path == "window" else {}
+            start = time.perf_counter()
+            train_stacked(model, fns["train_loss"], x, y, masks, **kw, **extra)
+            seconds = time.perf_counter() - start
+            rows.append({"what": f"{s.name} LOO block", "path": path, "models": num_models,
+                         "epochs": epochs, "seconds": round(seconds, 1),
+                         "useful_gflop_per_s": round(flop / seconds / 1e9, 1),
+                         "torch_threads": torch.get_num_threads()})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def steps(repeats: int) -> list[dict]:
     from hf_attrib.benchmark.runner import build_model
     from hf_attrib.benchmark.settings import get_setting
@@ -98,13 +142,19 @@ def steps(repeats: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("mnist-lr-lds", "steps"))
+    p.add_argument("what", choices=("mnist-lr-lds", "mnist-lr-loo", "steps"))
+    p.add_argument("--epochs", type=int, help="mnist-lr-loo: fewer epochs than the recipe's")
     p.add_argument("--models", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int)
     p.add_argument("--setting", default="mnist_lr", choices=("mnist_lr", "mnist_mlp"),
                    help="mnist-lr-lds: time this MNIST setting's LDS models instead")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "mnist-lr-loo":
+        mnist_loo_block(args.models, args.repeats, args.setting, args.epochs)
+        return
     rows = ([mnist_lr_lds(args.models, args.threads, args.setting)] if args.what == "mnist-lr-lds"
             else steps(args.repeats))
     for row in rows:

@@ -610,3 +610,30 @@ def test_a_positional_option_is_a_type_error(lr_problem):
     # LiSSA damps through damping/scaling: the shared regularization is not an option
     with pytest.raises(TypeError, match="regularization"):
         IFAttributorLiSSA(task, regularization=0.1)
+
+
+def test_explicit_regularization_changed_after_cache_matches_closed_form(lr_problem):
+    """One cache, several dampings: each equals the closed form at that damping (the grid
+    search of the benchmark reuses one Hessian this way)."""
+    p = lr_problem
+    task = AttributionTask(loss_func=p["loss"], model=p["model"],
+                           checkpoints=p["model"].state_dict())
+    attributor = IFAttributorExplicit(task=task, regularization=LAM)
+    attributor.cache(p["train"])
+    theta = p["theta"]
+    hess = torch.autograd.functional.hessian(lambda t: _flat_loss(t, p["x"], p["y"]), theta)
+    g_train = _grads(_flat_loss, theta, p["x"], p["y"])
+    g_test = _grads(_flat_loss, theta, p["xt"], p["yt"])
+    for lam in (LAM, 1.0, 1e-4):
+        attributor.regularization = lam
+        got = attributor.attribute(p["train"], p["test"])
+        eye = torch.eye(theta.numel(), dtype=torch.float64)
+        inv = torch.linalg.inv(hess.double() + lam * eye)
+        expected = (-(g_train.double() @ inv @ g_test.double().T) / N_TRAIN).float()
+        torch.testing.assert_close(got, expected, rtol=2e-3, atol=1e-6, msg=f"lambda={lam}")
+    # zero damping: the pseudo-inverse on the Hessian's range (softmax shift invariance)
+    attributor.regularization = 0.0
+    pinv = torch.linalg.pinv(hess.double(), hermitian=True, rtol=1e-6)
+    expected = (-(g_train.double() @ pinv @ g_test.double().T) / N_TRAIN).float()
+    torch.testing.assert_close(attributor.attribute(p["train"], p["test"]), expected,
+                               rtol=2e-3, atol=1e-5)

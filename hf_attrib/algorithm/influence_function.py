@@ -238,10 +238,12 @@ _HESSIAN_FIX = ("Check the loss and the weights of that checkpoint (a loss with 
 
 
 class IFAttributorExplicit(_IFBase):
-    """Influence function with the explicit Hessian, inverted once per checkpoint (exact).
+    """Influence function with the explicit Hessian, decomposed once per checkpoint (exact).
 
     Memory grows as ``d^2`` and time as ``d^3``: restrict ``layer_name`` for anything beyond
-    ~10k parameters.
+    ~10k parameters. ``cache`` keeps the eigendecomposition of each checkpoint's Hessian, so
+    ``regularization`` may be changed between ``attribute`` calls without a new ``cache``
+    (a search over the damping costs one Hessian).
 
     Args:
         task: the attribution task.
@@ -259,7 +261,7 @@ class IFAttributorExplicit(_IFBase):
         self.max_hessian_bytes = max_hessian_bytes
 
     def _prepare(self, fns: CheckpointFunctions, loader: DataLoader,
-                 features: Tensor | None) -> Tensor:
+                 features: Tensor | None) -> tuple[Tensor, Tensor]:
         fns = self._f32(fns)
         d = fns.dim
         if d * d * 8 > self.max_hessian_bytes:
@@ -276,24 +278,35 @@ class IFAttributorExplicit(_IFBase):
         hessian = gather_rows(own_columns, torch.arange(own.start, own.stop), d)
         check_finite_solution(hessian, "IFAttributorExplicit's Hessian", _HESSIAN_FIX)
         hessian = (hessian + hessian.T) / 2  # symmetric up to round-off
-        if self.regularization > 0:
-            hessian += self.regularization * torch.eye(d, dtype=torch.float64, device=self.device)
-            try:
-                inverse = torch.linalg.inv(hessian)
-            except torch.linalg.LinAlgError as err:
-                raise ValueError(
-                    f"H + regularization * I is singular at regularization="
-                    f"{self.regularization:g} (a negative Hessian eigenvalue cancels it): pass "
-                    "another regularization."
-                ) from err
-            return check_finite_solution(inverse, "IFAttributorExplicit's inverse",
-                                         "Pass a larger regularization.")
-        # Unregularised Hessians are often singular (softmax cross-entropy is invariant to a
-        # shift shared by all classes): invert on the range, as the gradients live there.
-        return torch.linalg.pinv(hessian, hermitian=True)
+        # The eigendecomposition, not an inverse: (H + lambda I)^-1 = V diag(1/(e + lambda)) V^T
+        # for any lambda, so changing ``regularization`` after ``cache`` (a grid search)
+        # costs two products instead of a new Hessian.
+        return torch.linalg.eigh(hessian)
 
-    def _transform_test(self, fns: CheckpointFunctions, state: Tensor, feats: Tensor) -> Tensor:
-        return (feats.double() @ state).to(feats.dtype)
+    def _inverse_eigenvalues(self, eigenvalues: Tensor) -> Tensor:
+        """``1 / (e + lambda)``; for ``lambda = 0`` the pseudo-inverse's (zero on the null space:
+        softmax cross-entropy is invariant to a shift shared by all classes, and the gradients
+        live in the range)."""
+        lam = self.regularization
+        top = float(eigenvalues.abs().max()) if eigenvalues.numel() else 0.0
+        if lam == 0:
+            tol = top * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
+            safe = torch.where(eigenvalues.abs() > tol, eigenvalues, torch.ones_like(eigenvalues))
+            return torch.where(eigenvalues.abs() > tol, 1.0 / safe, torch.zeros_like(eigenvalues))
+        shifted = eigenvalues + lam
+        if bool((shifted.abs() <= max(top, lam) * 1e-12).any()):
+            raise ValueError(
+                f"H + regularization * I is singular at regularization={lam:g} (a negative "
+                "Hessian eigenvalue cancels it): pass another regularization."
+            )
+        return check_finite_solution(1.0 / shifted, "IFAttributorExplicit's inverse",
+                                     "Pass a larger regularization.")
+
+    def _transform_test(self, fns: CheckpointFunctions, state: tuple[Tensor, Tensor],
+                        feats: Tensor) -> Tensor:
+        eigenvalues, eigenvectors = state
+        coords = (feats.double() @ eigenvectors) * self._inverse_eigenvalues(eigenvalues)
+        return (coords @ eigenvectors.T).to(feats.dtype)
 
 
 class IFAttributorCG(_IFBase):
