@@ -293,7 +293,10 @@ def stage_ground_truth(ctx: Context) -> dict[str, Any]:
 def _methods(ctx: Context) -> list[str]:
     from hf_attrib.benchmark.settings import get_setting
 
-    methods = list(ctx.cfg["methods"])
+    # ``[methods_by_setting] SETTING = [...]`` narrows a setting to the methods its hardware
+    # budget allows (the README says which were left out and why).
+    methods = list(ctx.cfg.get("methods_by_setting", {}).get(ctx.setting_name)
+                   or ctx.cfg["methods"])
     if get_setting(ctx.setting_name).kind == "generation":
         methods = [m for m in methods if m != "rps"]  # RPS needs a classification head
     return methods
