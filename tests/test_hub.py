@@ -162,6 +162,10 @@ def test_round_trip_push_pull_bench_run_gives_the_same_lds(pushed, exported, tmp
         assert "error" not in a and "error" not in b
         for metric in ("lds", "loo", "auc"):  # the same numbers, not just close ones
             assert isinstance(a[metric], float) and a[metric] == b[metric], (a["method"], metric)
+            assert a[f"{metric}_ci"] == b[f"{metric}_ci"]  # and the same intervals
+    # the same sample, named by the export's index and by both runs
+    index = json.loads((out / "dataset" / "hf_attrib_index.json").read_text())
+    assert local["data_fingerprint"] == remote["data_fingerprint"] == index["data_fingerprint"]
     # The dataset repo is a real datasets repo served through olah (a fresh process: the
     # clients read HF_ENDPOINT at import time).
     code = ("import datasets; d = datasets.load_dataset('org/digits-lr'); "
@@ -488,3 +492,25 @@ def test_cards_render_from_an_installed_wheel(tmp_path):
     out = json.loads(done.stdout.splitlines()[-1])
     assert out["module"].startswith(str(target))  # the installed copy, not this checkout
     _check_rendered(out)
+
+
+def test_bench_run_from_a_pulled_benchmark_never_reads_the_source_data(exported, tmp_path,
+                                                                      monkeypatch):
+    """`bench run --from-hub` brings its own sample: for MNIST the user need not reach
+    ylecun/mnist at all. The source builder is made to fail; the run still succeeds, on the
+    pulled sample."""
+    import hf_attrib.benchmark.runner as runner
+    from hf_attrib.hub.benchmark import pull_benchmark
+
+    out, _ = exported
+    pulled = pull_benchmark(out, ensemble_models=0)
+
+    def no_source(*args, **kwargs):
+        raise AssertionError("the source data was read")
+
+    monkeypatch.setattr(runner, "build_data", no_source)
+    results = runner.run_benchmark("digits-lr", methods=["grad-dot"], out_dir=tmp_path / "run",
+                                   smoke=True, progress=False, pulled=pulled)
+    assert "error" not in results["methods"][0]
+    index = json.loads((out / "dataset" / "hf_attrib_index.json").read_text())
+    assert results["data_fingerprint"] == index["data_fingerprint"]

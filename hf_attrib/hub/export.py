@@ -200,6 +200,9 @@ def export(
         "dataset_repo_id": dataset_repo_id(s.name, org),
         "checkpoints_repo_id": checkpoints_repo_id(s.name, org),
         "loo_models": len(loo_index) if "loo" in s.metrics else 0,
+        # sha256 of the exact sample (hf_attrib.benchmark.data.data_fingerprint): results
+        # computed from these repos name the same value in their results.json.
+        "data_fingerprint": prep.data.fingerprint,
     }
 
     # Dataset repo: parquet splits + ground truth. ----------------------------------------
