@@ -58,7 +58,10 @@ def results_chart(results: dict[str, Any], path: str | Path) -> Path | None:
         return None
     names = [r["method"] for r in rows]
     fig, (bars, scatter) = plt.subplots(1, 2, figsize=(11, 4))
-    bars.bar(names, [r["lds"] for r in rows], color="#ff9d00")
+    # 95 % bootstrap interval as error bars, where the run computed one
+    errors = [[r["lds"] - r["lds_ci"][0] if r.get("lds_ci") else 0.0 for r in rows],
+              [r["lds_ci"][1] - r["lds"] if r.get("lds_ci") else 0.0 for r in rows]]
+    bars.bar(names, [r["lds"] for r in rows], yerr=errors, capsize=3, color="#ff9d00")
     bars.set_ylabel("LDS (Spearman)")
     bars.set_title(f"{results['setting']}: LDS per method")
     bars.tick_params(axis="x", rotation=45)
