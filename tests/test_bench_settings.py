@@ -95,7 +95,9 @@ def test_maestro_music_transformer_smoke(tmp_path):
         assert row["seconds"] > 0 and row["trials"], row
     markdown = (out / "results.md").read_text()
     assert f"n_train={setting.n_train}, n_test={setting.n_test}, smoke" in markdown
-    assert all(f"| {m} | {row['lds']:.3f} |" in markdown
+    # the value and its bootstrap interval
+    assert all(f"| {m} | {row['lds']:.3f} [{row['lds_ci'][0]:.3f}, {row['lds_ci'][1]:.3f}] |"
+               in markdown
                for m, row in zip(("grad-cos", "trak-1"), results["methods"], strict=True))
     assert (out / "results.png").stat().st_size > 0
     # Ground truth: the setting's LDS models, each trained on a half of the n_train examples.
