@@ -142,8 +142,8 @@ class RetrainBuild:
             :func:`train_stacked`. :func:`retrain` resolves it once per call
             (:meth:`resolve_strategy`); sequential blocks also store the models' buffers.
         example_loss_fn: per-example losses whose mean is ``loss_fn``: lets stacks of models
-            sharing one stream (leave-one-out blocks) train on shared windows, several times
-            faster for small models (see :func:`train_stacked`). Not part of the fingerprint:
+            sharing one stream (leave-one-out blocks) train on shared windows (a 250-model
+            MNIST-LR block: 22 s instead of 37 s on 2 CPU cores; see :func:`train_stacked`). Not part of the fingerprint:
             the models are the same up to float rounding.
     """
 

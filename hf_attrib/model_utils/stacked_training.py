@@ -631,8 +631,9 @@ def train_stacked(
             (:func:`.shared_windows`): every model is evaluated on the same short run of
             examples and weights its own mini-batch, so the inputs carry no model dimension
             and the first layer of all ``M`` models is one matrix product. Same batches, same
-            optimizer, same result up to float rounding as without it; several times faster
-            for small models (with dropout, the masks drawn differ: they cover the window).
+            optimizer, same result up to float rounding as without it; 1.7x faster on a
+            250-model MNIST-LR block (with dropout, the masks drawn differ: they cover the
+            window).
 
     Returns:
         The trained parameters ``{name: [M, *shape]}``, detached, on the model's device. With
