@@ -143,8 +143,8 @@ class RetrainBuild:
             (:meth:`resolve_strategy`); sequential blocks also store the models' buffers.
         example_loss_fn: per-example losses whose mean is ``loss_fn``: lets stacks of models
             sharing one stream (leave-one-out blocks) train on shared windows (a 250-model
-            MNIST-LR block: 22 s instead of 37 s on 2 CPU cores; see :func:`train_stacked`). Not part of the fingerprint:
-            the models are the same up to float rounding.
+            MNIST-LR block: 22 s instead of 37 s on 2 CPU cores; see :func:`train_stacked`).
+            Not part of the fingerprint: the models are the same up to float rounding.
     """
 
     model: nn.Module
