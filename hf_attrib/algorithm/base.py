@@ -16,9 +16,12 @@ train side is kept in memory only when it fits ``max_cache_bytes``, and scores a
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +29,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hf_attrib.algorithm.cache_store import (
+    CacheIntegrityError,
+    CacheReader,
+    describe_differences,
+    jsonable,
+    read_cache,
+    weights_fingerprint,
+    write_cache,
+)
+from hf_attrib.algorithm.factored import FactoredFeatures, factored_options
 from hf_attrib.distributed import gather_rows, rank_and_world, shard_range
 from hf_attrib.func.projection import Projector, make_projector, projector_options
-from hf_attrib.func.utils import batch_size_of, describe_batch
+from hf_attrib.func.utils import batch_size_of, describe_batch, slice_batch
 from hf_attrib.loaders import check_loader, count_examples, loader_indices
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
@@ -109,6 +122,10 @@ class BaseAttributor(ABC):
         self.progress = progress
         task.to(self.device)
         task.select_parameters(layer_name)  # fail early on an unknown layer name
+        # Training examples of a cache restored by load_cache, until a train loader is bound
+        # to it (see _check_loaded_count); None when no loaded cache waits for one.
+        self._loaded_n: int | None = None
+        self._loaded_from: Path | None = None
 
     # -- public API ------------------------------------------------------------------------
     @abstractmethod
@@ -178,6 +195,127 @@ class BaseAttributor(ABC):
             return self.grad_chunk_size
         return max(1, _GRAD_CHUNK_BYTES // (4 * max(dim, 1)))
 
+    # -- persistent caches ---------------------------------------------------------------------
+    def save_cache(self, path: str | PathLike) -> Path:
+        """Write what ``cache`` computed to the folder ``path`` (safetensors + ``cache.json``).
+
+        ``load_cache(path)`` on an attributor of the same method, options, layers and
+        checkpoint weights (in another process too) restores it, so that ``attribute`` and
+        ``self_attribute`` do not recompute the training set. The write is atomic: an earlier
+        cache at ``path`` is replaced only once the new one is complete. The format is
+        described in ``hf_attrib.algorithm.cache_store``. With several processes, rank 0
+        writes and the others wait for it.
+
+        Args:
+            path: the cache folder (created; if it exists it must be an hf_attrib cache,
+                which is replaced, or empty).
+
+        Returns:
+            The folder's path.
+
+        Raises:
+            ValueError: nothing is cached yet (call ``cache(train_loader)`` first), or
+                ``path`` exists and holds something else.
+        """
+        tensors, manifest = self._cache_contents()
+        manifest = {**manifest, "identity": self._cache_identity()}
+        path = Path(path)
+        rank, world = self._world()
+        if world == 1:
+            return write_cache(path, tensors, manifest)
+        try:
+            if rank == 0:
+                write_cache(path, tensors, manifest)
+        finally:  # reached by rank 0 even when its write fails: nobody waits forever
+            torch.distributed.barrier()
+        if not (path / "cache.json").is_file():
+            raise OSError(f"rank 0 did not write the cache to {path} (see its error).")
+        return path
+
+    def load_cache(self, path: str | PathLike) -> None:
+        """Restore a cache written by ``save_cache``, instead of calling ``cache``.
+
+        Every file is checked against the sha256 in ``cache.json``, and the cache against this
+        attributor: its method, the options that change the cached results (projection and its
+        seed, regularisation baked into a kernel inverse, ...), the selected parameters and
+        their shapes, and a sha256 of every checkpoint's weights. The next ``attribute`` or
+        ``self_attribute`` call takes its train loader as the cached training set when it
+        yields the cached number of examples (counted without loading data where possible),
+        and computes no training gradient for it. Checkpoints whose features were not kept
+        (``max_cache_bytes``, at save or here) have them recomputed when used, as after
+        ``cache``.
+
+        Args:
+            path: a folder written by ``save_cache``.
+
+        Raises:
+            FileNotFoundError: no cache folder at ``path``.
+            CacheIntegrityError: (a ``ValueError``) a file is corrupted, edited, missing or
+                outside the folder.
+            ValueError: the cache was built for another method, options, layers or weights
+                (the message says what differs).
+        """
+        reader = read_cache(path)
+        differences = describe_differences(reader.manifest.get("identity") or {},
+                                           self._cache_identity())
+        if differences:
+            raise ValueError(
+                f"the cache in {path} was not built for this attributor; it differs in "
+                + "; ".join(differences) + ". Re-run cache(train_loader) with this attributor "
+                "(and save_cache to replace the folder).")
+        n = reader.manifest.get("num_train")
+        if type(n) is not int or n <= 0:
+            raise CacheIntegrityError(f"cache.json in {path} has no valid num_train; rebuild "
+                                      "the cache with cache(train_loader) and save_cache.")
+        self._loaded_n = None
+        self._restore_cache(reader)
+        self._loaded_n, self._loaded_from = n, reader.path
+
+    def _cache_identity(self) -> dict[str, Any]:
+        """What a saved cache must match to be used here, as JSON data (see
+        ``cache_store.describe_differences``). Loads every checkpoint once to fingerprint it."""
+        fingerprints = [weights_fingerprint(self.task.load_checkpoint(c))
+                        for c in range(self.task.num_checkpoints)]
+        params = dict(self.task.model.named_parameters())
+        selected = [[n, list(params[n].shape), str(params[n].dtype).removeprefix("torch.")]
+                    for n in self.task.select_parameters(self.layer_name)]
+        return jsonable({
+            "method": type(self).__name__,
+            "parameters": selected,
+            "options": self._cache_options(),
+            "num_checkpoints": self.task.num_checkpoints,
+            "weights_sha256": fingerprints,
+            "projectors": self._projector_descriptions(),
+        })
+
+    def _cache_options(self) -> dict[str, Any]:
+        """Options that change what ``cache`` computes: a saved cache whose options differ is
+        refused by ``load_cache``. Options applied only when scoring are left out."""
+        return {}
+
+    def _projector_descriptions(self) -> list[Any] | None:
+        """The resolved projection of each checkpoint (``None``: nothing to compare)."""
+        return None
+
+    def _cache_contents(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(named tensors, manifest entries)`` of what ``cache`` computed; the manifest
+        holds ``num_train``."""
+        raise NotImplementedError(f"{type(self).__name__} does not support save_cache.")
+
+    def _restore_cache(self, reader: CacheReader) -> None:
+        """Take the state written by ``_cache_contents`` back from a verified cache."""
+        raise NotImplementedError(f"{type(self).__name__} does not support load_cache.")
+
+    def _check_loaded_count(self, loader: DataLoader) -> None:
+        """Refuse a train loader whose number of examples is not the loaded cache's."""
+        check_loader(loader, "train")
+        got = count_examples(loader)
+        if got != self._loaded_n:
+            raise ValueError(
+                f"the train loader yields {got} examples, but the cache loaded from "
+                f"{self._loaded_from} was built on {self._loaded_n}: pass the training loader "
+                "the cache was built with, or call cache(train_loader) to build a new one.")
+
 
 #: The type every attributor is (``cache``, ``attribute``, ``self_attribute``).
 Attributor = BaseAttributor
@@ -208,16 +346,6 @@ def _check_finite(grads: Tensor, offset: int, role: str, ckpt: int) -> None:
         )
 
 
-def _slice_batch(batch: Any, start: int, stop: int) -> Any:
-    if isinstance(batch, Tensor):
-        return batch[start:stop]
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _slice_batch(v, start, stop) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_slice_batch(v, start, stop) for v in batch)
-    return batch
-
-
 class FeatureAttributor(BaseAttributor):
     """Attributors whose score is an inner product of per-checkpoint features (see module).
 
@@ -236,6 +364,13 @@ class FeatureAttributor(BaseAttributor):
 
     train_kind = "loss"
     test_kind = "target"
+    # Whether features may come from the per-layer engine's factored projection: true where
+    # the score is an inner product in feature space (TRAK, TracIn), not where a Hessian in
+    # parameter space is applied to full gradients (IF).
+    supports_factored = False
+    # Whether features are unit-normalised gradients (Grad-Cos); the factored path divides by
+    # the exact gradient norms, which it computes from the layer factors.
+    normalizes_gradients = False
     # Whether ``_transform_test`` is an expensive per-row solve (CG, LiSSA) whose rows are
     # worth sharing between processes; a matrix product is cheaper to repeat than to gather.
     shard_solves = False
@@ -256,7 +391,15 @@ class FeatureAttributor(BaseAttributor):
                          grad_chunk_size=grad_chunk_size, progress=progress,
                          distributed=distributed)
         self.projector_kwargs = dict(projector_kwargs) if projector_kwargs else None
-        projector_options(self.projector_kwargs)  # impossible options fail here, not later
+        self._factored_options = factored_options(self.projector_kwargs)
+        if self._factored_options is None:
+            projector_options(self.projector_kwargs)  # impossible options fail here, not later
+        elif not self.supports_factored:
+            raise ValueError(
+                f"{type(self).__name__} computes with full-dimensional gradients (its curvature "
+                "lives in parameter space), so proj_type='factored' does not apply; it is for "
+                "TRAK, TracInCP, Grad-Dot and Grad-Cos.")
+        self._factored: FactoredFeatures | None = None
         self.max_cache_bytes = max_cache_bytes
         self._projectors: dict[int, Projector] = {}
         self._cache_loader: DataLoader | None = None
@@ -264,6 +407,7 @@ class FeatureAttributor(BaseAttributor):
         self._train_cache: dict[int, tuple[Tensor, Tensor | None]] = {}
         self._states: dict[int, Any] = {}
         self._n_cache: int = 0
+        self._rebuild: list[int] = []  # checkpoints whose state load_cache left to _prepare
 
     # -- hooks -------------------------------------------------------------------------------
     def _gradient_transform(self, grads: Tensor) -> Tensor:
@@ -288,6 +432,15 @@ class FeatureAttributor(BaseAttributor):
         return None
 
     # -- features ----------------------------------------------------------------------------
+    def _factored_features(self, fns: CheckpointFunctions) -> FactoredFeatures | None:
+        """The per-layer engine with its factored projection, when the options ask for it."""
+        if self._factored_options is None:
+            return None
+        if self._factored is None:
+            self._factored = FactoredFeatures(self.task, fns, self._factored_options,
+                                              self.device)
+        return self._factored
+
     def _projector(self, fns: CheckpointFunctions) -> Projector:
         if fns.index not in self._projectors:
             options = projector_options(self.projector_kwargs)
@@ -297,6 +450,9 @@ class FeatureAttributor(BaseAttributor):
     def _features(self, fns: CheckpointFunctions, batch: Any, kind: str, offset: int,
                   role: str) -> Tensor:
         """Projected per-example gradients ``[B, p]``, computed chunk by chunk."""
+        factored = self._factored_features(fns)
+        if factored is not None:
+            return self._engine_features(factored, fns, batch, kind, offset, role)
         grad_fn = fns.loss_grads if kind == "loss" else fns.target_grads
         projector = self._projector(fns)
         size = batch_size_of(batch)
@@ -304,7 +460,7 @@ class FeatureAttributor(BaseAttributor):
         out = []
         for start in range(0, size, chunk):
             try:
-                grads = grad_fn(_slice_batch(batch, start, start + chunk))
+                grads = grad_fn(slice_batch(batch, start, start + chunk))
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is 2.5+ only
                 raise
             except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
@@ -314,6 +470,19 @@ class FeatureAttributor(BaseAttributor):
             _check_finite(grads, offset + start, role, fns.index)
             out.append(projector(self._gradient_transform(grads), ensemble_id=fns.index))
         return torch.cat(out)
+
+    def _engine_features(self, factored: FactoredFeatures, fns: CheckpointFunctions,
+                         batch: Any, kind: str, offset: int, role: str) -> Tensor:
+        """Factored features of a whole batch from one forward/backward with layer hooks."""
+        try:
+            feats = factored(fns, batch, kind, normalize=self.normalizes_gradients)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, IndexError, KeyError, RuntimeError) as err:
+            func = "loss_func" if kind == "loss" or fns.target_is_loss else "target_func"
+            raise self._batch_error(role, offset, batch, func, err) from err
+        _check_finite(feats, offset, role, fns.index)
+        return feats
 
     def _batches(self, loader: DataLoader, role: str, desc: str | None = None,
                  shard: bool = False, count: _Pass | None = None,
@@ -373,6 +542,9 @@ class FeatureAttributor(BaseAttributor):
 
     def _width(self, fns: CheckpointFunctions) -> int:
         """Size of one feature vector (the projection's output)."""
+        factored = self._factored_features(fns)
+        if factored is not None:
+            return factored.width
         return self._projector(fns).proj_dim
 
     @property
@@ -391,6 +563,26 @@ class FeatureAttributor(BaseAttributor):
         return gather_rows(out, torch.arange(own.start, own.stop), feats.shape[0])
 
     # -- public API --------------------------------------------------------------------------
+    def featurize(self, loader: DataLoader, checkpoint: int = 0, kind: str | None = None
+                  ) -> Iterator[tuple[int, Tensor]]:
+        """Stream ``(offset, features [B, width])`` of every batch of ``loader``, nothing kept.
+
+        The features are those ``cache`` stores for training examples (``kind=None``: the
+        training side's gradient, ``"loss"`` or ``"target"`` to choose), projected as this
+        attributor projects; memory does not grow with the number of examples.
+
+        Args:
+            loader: the examples (unshuffled).
+            checkpoint: which checkpoint's gradients.
+            kind: ``"loss"``, ``"target"`` or ``None`` (``self.train_kind``).
+        """
+        kind = self.train_kind if kind is None else kind
+        if kind not in ("loss", "target"):
+            raise ValueError(f"kind must be 'loss', 'target' or None, got {kind!r}.")
+        fns = self.task.functions(checkpoint, self.layer_name)
+        for offset, batch in self._batches(loader, "train", f"features (ckpt {checkpoint})"):
+            yield offset, self._features(fns, batch, kind, offset, "train")
+
     def cache(self, train_loader: DataLoader) -> None:
         """Compute (and keep, memory permitting) training features and per-checkpoint state.
 
@@ -398,6 +590,7 @@ class FeatureAttributor(BaseAttributor):
         ``attribute``/``self_attribute`` calls with this same loader reuse its features.
         """
         check_loader(train_loader, "train")
+        self._loaded_n = None  # a cache restored by load_cache is replaced
         self._cache_loader = None
         self._train_cache.clear()
         self._states.clear()
@@ -459,8 +652,24 @@ class FeatureAttributor(BaseAttributor):
         return features
 
     def _ensure_cached(self, train_loader: DataLoader) -> None:
-        if self._cache_loader is None:
+        if self._cache_loader is not None:
+            return
+        if self._loaded_n is None:
             self.cache(train_loader)
+            return
+        # A cache restored by load_cache: this loader is its training set (same count). The
+        # states not saved are rebuilt by _prepare, which for them computes no training
+        # gradient (an HVP operator, LiSSA's sampler, nothing).
+        self._check_loaded_count(train_loader)
+        self._hessian_loader = train_loader
+        for c in self._rebuild:
+            fns = self.task.functions(c, self.layer_name)
+            cached = self._train_cache.get(c)
+            self._states[c] = self._prepare(fns, train_loader,
+                                            None if cached is None else cached[0])
+        self._rebuild = []
+        self._cache_loader = train_loader
+        self._loaded_n = None
 
     def attribute(self, train_loader: DataLoader, test_loader: DataLoader) -> Tensor:
         self._ensure_cached(train_loader)
@@ -573,6 +782,99 @@ class FeatureAttributor(BaseAttributor):
 
     def _group_rows(self, dim: int) -> int:
         return max(1, _SELF_GROUP_BYTES // (8 * max(dim, 1)))
+
+    # -- persistent caches (save_cache / load_cache) -------------------------------------------
+    def _state_tensors(self, index: int, state: Any) -> dict[str, Tensor] | None:
+        """Checkpoint ``index``'s ``_prepare`` state as named tensors for ``save_cache``, or
+        ``None`` (the default) when ``_prepare`` rebuilds it after ``load_cache`` without any
+        training gradient (TracIn's nothing, CG's HVP operator, LiSSA's sampler). A subclass
+        whose ``_prepare`` costs training gradients must save its state."""
+        return None
+
+    def _state_from_tensors(self, index: int, tensors: dict[str, Tensor]) -> Any:
+        """The state ``_state_tensors`` saved, from its tensors (on ``self.device``)."""
+        raise NotImplementedError(f"{type(self).__name__} saves no checkpoint state.")
+
+    def _cache_options(self) -> dict[str, Any]:
+        options = {"projection": (self._factored_options if self._factored_options is not None
+                                  else projector_options(self.projector_kwargs)),
+                   "train_kind": self.train_kind, "row_factor": self._uses_row_factor}
+        return {**super()._cache_options(), **options}
+
+    def _projector_descriptions(self) -> list[Any] | None:
+        if self._factored_options is not None:  # its options (seeds included) say it all
+            return None
+        return [_describe_projector(self._projector(self.task.functions(c, self.layer_name)))
+                for c in range(self.task.num_checkpoints)]
+
+    def _cache_contents(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if self._cache_loader is None and self._loaded_n is None:
+            raise ValueError(f"{type(self).__name__} has nothing cached to save: call "
+                             "cache(train_loader) (or attribute) first.")
+        tensors: dict[str, Tensor] = {}
+        checkpoints = []
+        for c in range(self.task.num_checkpoints):
+            prefix = f"checkpoint-{c}/"
+            entry: dict[str, Any] = {"features": c in self._train_cache, "row_factor": False}
+            if c in self._train_cache:
+                feats, factors = self._train_cache[c]
+                tensors[prefix + "features"] = feats
+                if factors is not None:
+                    tensors[prefix + "row_factor"] = factors
+                    entry["row_factor"] = True
+            state = None if c in self._rebuild else self._state_tensors(
+                c, self._states.get(c))
+            entry["state"] = sorted(state) if state is not None else None
+            tensors.update({f"{prefix}state/{k}": v for k, v in (state or {}).items()})
+            checkpoints.append(entry)
+        return tensors, {"num_train": self._n_cache, "checkpoints": checkpoints}
+
+    def _restore_cache(self, reader: CacheReader) -> None:
+        entries = reader.manifest.get("checkpoints")
+        n = reader.manifest.get("num_train")
+        if not isinstance(entries, list) or len(entries) != self.task.num_checkpoints:
+            raise CacheIntegrityError(f"cache.json in {reader.path} does not list one entry "
+                                      "per checkpoint; rebuild the cache.")
+        states, rebuild, train = {}, [], {}
+        used = 0
+        for c, entry in enumerate(entries):
+            prefix = f"checkpoint-{c}/"
+            if entry.get("state"):
+                states[c] = self._state_from_tensors(c, {
+                    k: reader.tensor(f"{prefix}state/{k}", self.device) for k in entry["state"]})
+            else:
+                rebuild.append(c)
+            if not entry.get("features"):
+                continue
+            layout = reader.manifest["tensors"][prefix + "features"]
+            nbytes = getattr(torch, layout["dtype"]).itemsize * math.prod(layout["shape"])
+            # this attributor's max_cache_bytes holds too: what does not fit is recomputed
+            if used + nbytes > self.max_cache_bytes:
+                continue
+            feats = reader.tensor(prefix + "features", self.device)
+            factors = (reader.tensor(prefix + "row_factor", self.device)
+                       if entry.get("row_factor") else None)
+            if feats.shape[0] != n:
+                raise CacheIntegrityError(f"checkpoint {c}'s features in {reader.path} have "
+                                          f"{feats.shape[0]} rows for {n} training examples; "
+                                          "rebuild the cache.")
+            train[c] = (feats, factors)
+            used += nbytes
+        self._cache_loader = None
+        self._hessian_loader = None
+        self._train_cache = train
+        self._states = states
+        self._rebuild = rebuild
+        self._n_cache = n
+
+
+def _describe_projector(projector: Projector) -> dict[str, Any]:
+    """A projector's class and the settings that fix its map (sizes, seed, kind, generator);
+    knobs that only bound memory or time are left out."""
+    skip = {"block_rows", "max_batch_size", "num_sms"}
+    return {"class": type(projector).__name__, **{
+        k: v for k, v in vars(projector).items()
+        if not k.startswith("_") and k not in skip and isinstance(v, (bool, int, float, str))}}
 
 
 def _merge(groups: list[tuple[Tensor, Tensor, Tensor, Tensor | None]]

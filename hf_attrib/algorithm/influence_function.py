@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import FeatureAttributor, to_device
+from hf_attrib.algorithm.cache_store import CacheReader
 from hf_attrib.distributed import gather_rows, shard_range
 from hf_attrib.func.hvp_engine import (
     HessianSum,
@@ -191,6 +192,10 @@ class _IFBase(FeatureAttributor):
         self._float32.clear()
         super().cache(train_loader)
 
+    def _restore_cache(self, reader: CacheReader) -> None:
+        self._float32.clear()
+        super()._restore_cache(reader)
+
     def _features(self, fns: CheckpointFunctions, batch: Any, kind: str, offset: int,
                   role: str) -> Tensor:
         return super()._features(self._f32(fns), batch, kind, offset, role)
@@ -307,6 +312,16 @@ class IFAttributorExplicit(_IFBase):
         eigenvalues, eigenvectors = state
         coords = (feats.double() @ eigenvectors) * self._inverse_eigenvalues(eigenvalues)
         return (coords @ eigenvectors.T).to(feats.dtype)
+
+    # save_cache keeps the eigendecomposition (regularization is applied when scoring, so a
+    # loaded cache serves any regularization, as after cache()).
+    def _state_tensors(self, index: int, state: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        eigenvalues, eigenvectors = state
+        return {"eigenvalues": eigenvalues, "eigenvectors": eigenvectors}
+
+    def _state_from_tensors(self, index: int, tensors: dict[str, Tensor]
+                            ) -> tuple[Tensor, Tensor]:
+        return tensors["eigenvalues"], tensors["eigenvectors"]
 
 
 class IFAttributorCG(_IFBase):
@@ -463,6 +478,32 @@ class IFAttributorArnoldi(_IFBase):
         self._eigen.clear()
         self._projectors.clear()
         super().cache(train_loader)
+
+    # -- save_cache / load_cache: the eigenpairs are the state (the projection and the kernel);
+    # regularization is added when scoring, so it may differ from the saved run's.
+    def _cache_options(self) -> dict[str, Any]:
+        return {**super()._cache_options(), "proj_dim": self.proj_dim,
+                "max_iter": self.max_iter, "norm_constant": self.norm_constant,
+                "tol": self.tol, "seed": self.seed}
+
+    def _projector_descriptions(self) -> None:
+        return None  # the Arnoldi eigenvectors are the projection: covered by the options
+
+    def _restore_cache(self, reader: CacheReader) -> None:
+        self._eigen.clear()
+        self._projectors.clear()
+        super()._restore_cache(reader)
+
+    def _state_tensors(self, index: int, state: Tensor) -> dict[str, Tensor]:
+        evals, evecs = self._eigen[index]
+        return {"eigenvalues": evals, "eigenvectors": evecs}
+
+    def _state_from_tensors(self, index: int, tensors: dict[str, Tensor]) -> Tensor:
+        evals, evecs = tensors["eigenvalues"], tensors["eigenvectors"]
+        check_eigenvalues(evals, self.regularization, "proj_dim")
+        self._eigen[index] = (evals, evecs)
+        self._projectors[index] = _EigenProjector(evecs)
+        return evals + self.regularization
 
     def _projector(self, fns: CheckpointFunctions) -> Projector:
         if fns.index not in self._projectors:

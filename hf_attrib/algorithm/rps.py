@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import BaseAttributor
+from hf_attrib.algorithm.cache_store import CacheIntegrityError, CacheReader
 from hf_attrib.func.utils import add_batch_dim
 from hf_attrib.task import AttributionTask
 
@@ -195,6 +196,7 @@ class RPSAttributor(BaseAttributor):
     def cache(self, train_loader: DataLoader) -> None:
         """Fit the last layer (``fit_last_layer``), then compute :math:`\\alpha_j` and
         :math:`h_j` for the training set."""
+        self._loaded_n = None  # a cache restored by load_cache is replaced
         self.task.load_checkpoint(0)
         if self.fit_last_layer:
             alpha, feats = self._fitted_representers(train_loader)
@@ -243,6 +245,9 @@ class RPSAttributor(BaseAttributor):
         return alpha.to(h.dtype), self._normalize(h)
 
     def _train_side(self, train_loader: DataLoader) -> tuple[Tensor, Tensor]:
+        if self._cache_loader is None and self._loaded_n is not None:
+            self._check_loaded_count(train_loader)  # restored by load_cache: bind this loader
+            self._cache_loader, self._loaded_n = train_loader, None
         if self._cache_loader is None:
             self.cache(train_loader)
         if train_loader is not self._cache_loader:
@@ -272,6 +277,38 @@ class RPSAttributor(BaseAttributor):
                           * (h_train[rows] ** 2).sum(dim=1))
             offset += labels.shape[0]
         return torch.cat(values)
+
+
+    # -- save_cache / load_cache: alpha, the features and the refit weight ----------------------
+    def _cache_options(self) -> dict[str, Any]:
+        return {"final_linear_layer_name": self.layer_name_final,
+                "l2_strength": self.l2_strength,
+                "normalize_preactivate": self.normalize_preactivate,
+                "fit_last_layer": self.fit_last_layer, "fit_targets": self.fit_targets,
+                "fit_tol": self.fit_tol, "fit_max_iter": self.fit_max_iter}
+
+    def _cache_contents(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        if self._train is None:
+            raise ValueError("RPSAttributor has nothing cached to save: call "
+                             "cache(train_loader) (or attribute) first.")
+        alpha, feats = self._train
+        tensors = {"alpha": alpha, "features": feats}
+        if self.fitted_weight is not None:
+            tensors["fitted_weight"] = self.fitted_weight
+        return tensors, {"num_train": alpha.shape[0]}
+
+    def _restore_cache(self, reader: CacheReader) -> None:
+        alpha = reader.tensor("alpha", self.device)
+        feats = reader.tensor("features", self.device)
+        n = reader.manifest["num_train"]
+        if alpha.shape[0] != n or feats.shape[0] != n:
+            raise CacheIntegrityError(f"the RPS cache in {reader.path} holds {alpha.shape[0]} "
+                                      f"representer values for {n} training examples; "
+                                      "rebuild it.")
+        self.fitted_weight = (reader.tensor("fitted_weight", self.device)
+                              if "fitted_weight" in reader else None)
+        self._train = (alpha, feats)
+        self._cache_loader = None
 
 
 def _label_targets(labels: Tensor, classes: int) -> Tensor:

@@ -66,8 +66,18 @@ class TracInAttributor(FeatureAttributor):
         self.weight_list = weights
         self.normalized_grad = normalized_grad
 
+    supports_factored = True
+
+    @property
+    def normalizes_gradients(self) -> bool:  # type: ignore[override]
+        return self.normalized_grad
+
     def _weight(self, fns: CheckpointFunctions) -> float:
         return -self.weight_list[fns.index]
+
+    def _cache_options(self) -> dict[str, Any]:
+        # weight_list is applied when scoring; a saved cache serves any step sizes
+        return {**super()._cache_options(), "normalized_grad": self.normalized_grad}
 
     def _gradient_transform(self, grads: Tensor) -> Tensor:
         if not self.normalized_grad:

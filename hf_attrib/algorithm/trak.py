@@ -103,6 +103,8 @@ class TRAKAttributor(FeatureAttributor):
             p.numel() for p in task.model.parameters() if p.requires_grad) or 1
         self.effective_regularization: dict[int, float] = {}
 
+    supports_factored = True
+
     @property
     def _uses_row_factor(self) -> bool:
         return self.correct_probability_func is not None
@@ -149,6 +151,20 @@ class TRAKAttributor(FeatureAttributor):
 
     def _transform_test(self, fns: CheckpointFunctions, state: Tensor, feats: Tensor) -> Tensor:
         return (feats.double() @ state).to(feats.dtype)
+
+    # -- save_cache / load_cache: the kernel inverse is the state; the damping is baked in.
+    def _cache_options(self) -> dict[str, Any]:
+        return {**super()._cache_options(), "regularization": self.regularization,
+                "relative_regularization": self.relative_regularization,
+                "num_trainable_parameters": self.num_trainable_parameters}
+
+    def _state_tensors(self, index: int, state: Tensor) -> dict[str, Tensor]:
+        lam = torch.tensor(self.effective_regularization[index], dtype=torch.float64)
+        return {"kernel_inverse": state, "effective_regularization": lam}
+
+    def _state_from_tensors(self, index: int, tensors: dict[str, Tensor]) -> Tensor:
+        self.effective_regularization[index] = float(tensors["effective_regularization"])
+        return tensors["kernel_inverse"]
 
 
 def _check_regularization(regularization: float, relative: float | None) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "flatten_params",
     "partial_param",
     "per_sample_grad",
+    "slice_batch",
     "unflatten_params",
 ]
 
@@ -144,6 +145,17 @@ def batch_size_of(batch: Any) -> int:
             except TypeError:
                 continue
     raise TypeError(f"cannot find a tensor in the batch (got {type(batch).__name__}).")
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of a (nested) batch: every tensor sliced on its first dimension."""
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: slice_batch(v, start, stop) for k, v in batch.items()})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_batch(v, start, stop) for v in batch)
+    return batch
 
 
 def describe_batch(batch: Any, depth: int = 0) -> str:

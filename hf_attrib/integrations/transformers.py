@@ -48,6 +48,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm import Attributor, get_method, make_attributor, method_names
+from hf_attrib.algorithm.registry import MethodSpec
+from hf_attrib.func.layer_grads import LayerGradients
 from hf_attrib.func.targets import (
     correct_class_log_prob,
     correct_class_margin,
@@ -586,7 +588,24 @@ class HFAttributionTask(AttributionTask):
             kwargs.setdefault("correct_probability_func", self.correct_probability_func)
         if "weight_list" in accepts and self.weight_list is not None:
             kwargs.setdefault("weight_list", self.weight_list)
+        if "projector_kwargs" not in kwargs:
+            factored = self._factored_default(spec, kwargs.get("layer_name"))
+            if factored is not None:
+                kwargs["projector_kwargs"] = factored
         return make_attributor(method, self, device=device, **kwargs)
+
+    def _factored_default(self, spec: MethodSpec, layer_name: Any) -> dict[str, Any] | None:
+        """The factored projection at the method's default size, for a method that projects
+        by default and a layer selection the per-layer engine covers (``None`` otherwise):
+        features from one batched backward instead of explicit per-example gradients."""
+        default = spec.constructor_kwargs().get("projector_kwargs")
+        if (not getattr(spec.attributor_class, "supports_factored", False) or not default
+                or default.get("proj_type", "auto") != "auto" or "proj_dim" not in default
+                or any(m.training for m in self.model.modules())):
+            return None
+        if LayerGradients(self.model, self.select_parameters(layer_name)).uncovered:
+            return None
+        return {**default, "proj_type": "factored"}
 
 
 def _final_linear(model: nn.Module) -> str | None:

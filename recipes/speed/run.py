@@ -35,6 +35,8 @@ BENCHMARKS = {
     "distributed": "bench_distributed",
     "gpt2-memory": "bench_gpt2_124m_memory",
     "retrain": "bench_retrain",
+    "ekfac-fidelity": "bench_ekfac_fidelity",
+    "featurize": "bench_featurize",
 }
 
 
