@@ -20,7 +20,9 @@ from hf_attrib.algorithm import (
     GradCosAttributor,
     IFAttributorArnoldi,
     IFAttributorCG,
+    IFAttributorEKFAC,
     IFAttributorExplicit,
+    IFAttributorKFAC,
     IFAttributorLiSSA,
     RPSAttributor,
     TracInAttributor,
@@ -72,6 +74,11 @@ def main(out: str) -> None:
         logits = torch.func.functional_call(model, params, (xb,))
         return torch.softmax(logits, -1).gather(1, yb[:, None]).mean()
 
+    def sampled(params, batch, generator):  # the true Fisher's loss: labels from the model
+        logits = torch.func.functional_call(model, params, (batch[0],))
+        labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=generator)
+        return nn.functional.cross_entropy(logits, labels[:, 0])
+
     # 7 train batches (ragged last) and one test loader with a single batch: with two
     # processes the shares are uneven and one process owns no test batch at all.
     train = DataLoader(TensorDataset(x, y), batch_size=9)
@@ -97,6 +104,9 @@ def main(out: str) -> None:
         "if-lissa": IFAttributorLiSSA(one, batch_size=20, recursion_depth=30, damping=0.01,
                                       scaling=10.0),
         "if-arnoldi": IFAttributorArnoldi(one, proj_dim=10, max_iter=30, regularization=0.01),
+        "if-ekfac": IFAttributorEKFAC(task, fisher="empirical", max_cache_bytes=0),
+        "if-kfac-true": IFAttributorKFAC(one, sampled_loss_func=sampled),
+        "if-ekfac-true": IFAttributorEKFAC(one, sampled_loss_func=sampled),
         "rps": RPSAttributor(one, final_linear_layer_name="2", l2_strength=0.01),
     }
     tensors = {}

@@ -47,6 +47,8 @@ SETTINGS = {
     "if-lissa": (2, {"batch_size": 8, "recursion_depth": 10, "damping": 1e-2,
                      "scaling": 20.0}),
     "if-arnoldi": (2, {"proj_dim": 8, "max_iter": 20, "regularization": 1e-2}),
+    "if-ekfac": (2, {"fisher": "empirical"}),
+    "if-kfac": (2, {"fisher": "empirical", "damping": 1e-2}),
     "rps": (1, {"final_linear_layer_name": "2", "fit_max_iter": 200}),
 }
 

@@ -64,7 +64,7 @@ def test_two_processes_match_one(single, tmp_path, launcher):
     got = _run(LAUNCHERS[launcher](_free_port()), out)
     assert _world_size(ref_path) == 1 and _world_size(out) == 2
     assert set(got) == set(ref)
-    assert len(ref) == 33  # 11 attributors x (2 test loaders + self-influence)
+    assert len(ref) == 42  # 14 attributors x (2 test loaders + self-influence)
     for key, value in ref.items():
         assert got[key].shape == value.shape, key
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5 * value.abs().max(),

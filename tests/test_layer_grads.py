@@ -309,3 +309,38 @@ def test_factored_option_errors():
     drop[1].train()
     with pytest.raises(ValueError, match="eval mode"):
         GradDotAttributor(drop_task, projector_kwargs={"proj_type": "factored"}).cache(train)
+
+
+# -- CUDA (pytest -m gpu) ------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("tied", [False, True])
+def test_engine_on_cuda_matches_cpu(tied):
+    model, layout, loss, theta = _setup(tied)
+    batch = _batch()
+    _, cpu = _engine_features(model, layout, loss, theta, batch, factor_dim=3)
+    model.cuda()
+    for name in layout:  # loss() reads the layout it was built with
+        layout[name] = layout[name].cuda()
+    batch_cuda = tuple(t.cuda() for t in batch)
+    engine = LayerGradients(model, list(layout))
+    proj = FactoredProjector(list(engine.blocks.values()), 3, seed=3, device="cuda")
+    out = torch.zeros(5, proj.proj_dim, device="cuda")
+    engine.run(lambda: loss(theta.cuda(), batch_cuda), 5,
+               lambda b, r, c: proj.accumulate(out, b, r, c))
+    torch.testing.assert_close(out.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cls", [GradDotAttributor, TRAKAttributor])
+def test_factored_attributors_on_cuda_match_cpu(cls):
+    task = _mlp_task()
+    train, test = _loaders()
+    kwargs = {"projector_kwargs": {"proj_type": "factored", "factor_dim": 4}}
+    cpu = cls(task, **kwargs).attribute(train, test)
+    gpu = cls(task, device="cuda", **kwargs).attribute(train, test)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)

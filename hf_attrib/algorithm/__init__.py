@@ -13,6 +13,7 @@ from hf_attrib.algorithm.influence_function import (
     IFAttributorExplicit,
     IFAttributorLiSSA,
 )
+from hf_attrib.algorithm.kfac import IFAttributorEKFAC, IFAttributorKFAC
 from hf_attrib.algorithm.registry import (
     MethodSpec,
     get_method,
@@ -32,7 +33,9 @@ __all__ = [
     "GradDotAttributor",
     "IFAttributorArnoldi",
     "IFAttributorCG",
+    "IFAttributorEKFAC",
     "IFAttributorExplicit",
+    "IFAttributorKFAC",
     "IFAttributorLiSSA",
     "MethodSpec",
     "RPSAttributor",

@@ -32,6 +32,7 @@ from hf_attrib.algorithm.influence_function import (
     IFAttributorExplicit,
     IFAttributorLiSSA,
 )
+from hf_attrib.algorithm.kfac import IFAttributorEKFAC, IFAttributorKFAC
 from hf_attrib.algorithm.rps import RPSAttributor
 from hf_attrib.algorithm.tracin import GradCosAttributor, GradDotAttributor, TracInAttributor
 from hf_attrib.algorithm.trak import DEFAULT_PROJ_DIM, TRAKAttributor
@@ -159,6 +160,13 @@ def make_attributor(name: str, task: AttributionTask, **kwargs: Any) -> Attribut
 # examples. Grids: the paper's Appendix C.1.
 _REGULARIZATIONS = (1e-1, 1e-2, 5e-3, 1e-3, 1e-4, 1e-5)
 _NO_SEARCH: tuple[Mapping[str, Any], ...] = ({},)
+# K-FAC/EK-FAC: the classes' default is kronfluence's true Fisher, which needs a
+# sampled_loss_func a plain task does not have; by name they use the empirical Fisher (the
+# training labels) so that every task works. Damping: the per-block heuristic at a few scales
+# (the default 0.1 is kronfluence's), and one global value over the IF grid.
+_KFAC_DEFAULTS = {"fisher": "empirical"}
+_KFAC_SEARCH = (tuple({"fisher": "empirical", "damping_scale": s} for s in (1.0, 0.1, 0.01))
+                + tuple({"fisher": "empirical", "damping": r} for r in _REGULARIZATIONS))
 
 for _spec in (
     MethodSpec(
@@ -192,6 +200,13 @@ for _spec in (
         "if-arnoldi", IFAttributorArnoldi, defaults={"regularization": 1e-2},
         search=tuple({"regularization": r, "max_iter": 50} for r in _REGULARIZATIONS),
         summary="influence function on the top Hessian eigenspace (Arnoldi)"),
+    MethodSpec(
+        "if-ekfac", IFAttributorEKFAC, defaults=_KFAC_DEFAULTS, search=_KFAC_SEARCH,
+        summary="influence function with EK-FAC curvature (per-layer Kronecker eigenbasis, "
+                "corrected eigenvalues)"),
+    MethodSpec(
+        "if-kfac", IFAttributorKFAC, defaults=_KFAC_DEFAULTS, search=_KFAC_SEARCH,
+        summary="influence function with K-FAC curvature (per-layer Kronecker factors)"),
     MethodSpec(
         "rps", RPSAttributor, defaults={"l2_strength": 0.003, "fit_last_layer": True},
         search=tuple({"l2_strength": s, "normalize_preactivate": n}
