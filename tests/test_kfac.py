@@ -381,3 +381,52 @@ def test_save_load_scores_identically_without_refitting(cls, tmp_path, monkeypat
     other = IFAttributorKFAC if cls is IFAttributorEKFAC else IFAttributorEKFAC
     with pytest.raises(ValueError, match="not built for this attributor"):
         other(task, fisher="empirical").load_cache(tmp_path / "c")
+
+
+# -- the true Fisher of transformers tasks -----------------------------------------------------
+def _entropy_per_example(logits, mask):
+    logp = torch.log_softmax(logits.float(), -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return (entropy * mask).sum(-1) / mask.sum(-1)
+
+
+def test_hf_sampled_loss_averages_to_the_predictive_entropy():
+    """E_{y ~ p}[-log p(y)] is the entropy: the sampled labels follow the model's distribution
+    at the positions that predict a counted token (causal shift, padding and -100 left out)."""
+    from hf_attrib.integrations import task_from_pretrained
+    from tests.integrations_helpers import char_tokenizer, tiny_gpt2
+
+    task = task_from_pretrained(tiny_gpt2(), "causal-lm", processor=char_tokenizer())
+    batch = dict(task.tokenizer(["hello world", "abc"], padding=True, return_tensors="pt"))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[0, 4] = -100
+    batch["labels"] = labels
+    params = dict(task.model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    repeated = {k: v.repeat(50, 1) for k, v in batch.items()}  # 50 draws per call
+    with torch.no_grad():
+        draws = torch.stack([task.sampled_loss_func(params, repeated, generator)
+                             for _ in range(8)])
+        logits = task.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits
+    mask = (labels[:, 1:] != -100) & batch["attention_mask"][:, :-1].bool()
+    expected = _entropy_per_example(logits[:, :-1], mask).mean()
+    assert abs(float(draws.mean()) - float(expected)) < 4 * float(draws.std()) / 8 ** 0.5
+    assert float(draws.std()) > 0  # labels really are drawn
+    again = task.sampled_loss_func(params, batch, torch.Generator().manual_seed(0))
+    first = task.sampled_loss_func(params, batch, torch.Generator().manual_seed(0))
+    assert torch.equal(again, first)
+
+
+def test_hf_task_true_fisher_ekfac_runs_through_the_task():
+    from hf_attrib.integrations import task_from_pretrained
+    from tests.integrations_helpers import char_tokenizer, text_datasets, tiny_gpt2
+
+    task = task_from_pretrained(tiny_gpt2(), "causal-lm", processor=char_tokenizer(),
+                                layers="last:1")
+    train_ds, test_ds = text_datasets(n_train=6, duplicates=(1, 4))
+    train, test = task.dataloader(train_ds, batch_size=3), task.dataloader(test_ds, batch_size=2)
+    true = task.attributor("if-ekfac", fisher="true").attribute(train, test)
+    empirical = task.attributor("if-ekfac", fisher="empirical").attribute(train, test)
+    assert true.shape == (6, 2) and bool(torch.isfinite(true).all())
+    assert not torch.allclose(true, empirical)

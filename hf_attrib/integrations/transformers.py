@@ -438,6 +438,21 @@ class _Functions:
     def loss(self, params: dict[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         return self.per_example(params, batch)["loss"].mean()
 
+    def sampled_loss(self, params: dict[str, Tensor], batch: Mapping[str, Tensor],
+                     generator: torch.Generator) -> Tensor:
+        """The loss with every counted label drawn from the model's own predictive
+        distribution (the true Fisher of K-FAC/EK-FAC), batch mean. Positions that do not
+        count in the loss (``-100``, padding) stay out."""
+        labels = _require_labels(batch, self.task)
+        with torch.no_grad():
+            logits = self.logits(params, batch).float()
+        probs = torch.softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+        draw = torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+        if self.task == "causal-lm":  # position t predicts token t + 1
+            draw = torch.cat([labels[:, :1], draw[:, :-1]], dim=1)
+        sampled = torch.where(labels == -100, labels, draw.to(labels.dtype))
+        return self.loss(params, {**batch, "labels": sampled})
+
     def target(self, params: dict[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         return self.per_example(params, batch)["target"].mean()
 
@@ -547,6 +562,8 @@ class HFAttributionTask(AttributionTask):
             task == "token-classification" else None)
         if target == "loss":
             self.correct_probability_func = None
+        # K-FAC/EK-FAC's true Fisher (fisher="true") draws labels through this.
+        self.sampled_loss_func = functions.sampled_loss
         self.rps_layer_name = _final_linear(model) if kind.classification else None
 
     @property
