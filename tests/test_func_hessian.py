@@ -577,3 +577,107 @@ def test_ihvp_pair_takes_the_same_options(solver):
     given_with_v = options(getattr(hessian, f"ihvp_{solver}"), {"func"})
     at_x = options(getattr(hessian, f"ihvp_at_x_{solver}"), {"func", "x", "in_dims"})
     assert given_with_v == at_x
+
+
+# --------------------------------------------------------------------------------------------
+# The explicit Hessian's in-place building blocks (one d x d matrix in memory)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("d", "block"), [(1, 4), (10, 3), (17, 4), (33, 64), (40, 1)])
+def test_symmetrize_in_place_equals_average_with_transpose(d, block):
+    from hf_attrib.func.solvers.explicit import symmetrize_
+
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(d), dtype=DT)
+    expected = (a + a.T) / 2
+    ptr = a.data_ptr()
+    out = symmetrize_(a, block=block)
+    assert out is a and a.data_ptr() == ptr  # in place
+    assert torch.equal(a, a.T)
+    torch.testing.assert_close(a, expected, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="square"):
+        symmetrize_(torch.zeros(3, 4))
+
+
+def test_hessian_columns_into_a_preallocated_matrix_equals_autograd_hessian(multi):
+    from hf_attrib.func.hvp_engine import flat_objective, hessian_columns, hvp_operator
+
+    w, x, y, expected = multi  # the autograd Hessian
+    objective, theta = flat_objective(softmax_loss, (w, x, y), 0)
+    d = theta.numel()
+    torch.testing.assert_close(torch.func.hessian(objective)(theta), expected)
+    out = torch.full((d, d), float("nan"), dtype=torch.float64)
+    ptr = out.data_ptr()
+    got = hessian_columns(hvp_operator(objective, theta, "rev-rev"), d, range(d), 5, DT, "cpu",
+                          out=out)
+    assert got.data_ptr() == ptr  # filled in place, every row written (no NaN left)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # a share of the rows (one process's) into its own block
+    part = hessian_columns(hvp_operator(objective, theta, "rev-rev"), d, range(3, 8), 2, DT,
+                           "cpu", out=torch.empty(5, d, dtype=torch.float64))
+    torch.testing.assert_close(part, expected[3:8], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("route", ["fast", "in-place", "torch"])
+def test_eigh_in_place_routes_reconstruct_the_matrix(route, monkeypatch):
+    import sys
+
+    from hf_attrib.func.solvers.explicit import eigh_
+
+    d = 37
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(d, d, generator=g, dtype=DT)
+    a = (b + b.T) / 2
+    work = a.clone()
+    if route == "torch":  # no SciPy: torch.linalg.eigh
+        monkeypatch.setitem(sys.modules, "scipy.linalg", None)
+    # budget: None (no limit) -> fast driver; one matrix only -> in place
+    max_bytes = a.numel() * 8 if route == "in-place" else None
+    values, vectors = eigh_(work, max_bytes)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(a), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, a, rtol=1e-10,
+                               atol=1e-10)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(d, dtype=DT), rtol=0, atol=1e-10)
+    if route == "in-place":  # the eigenvectors overwrote the matrix: no second d x d
+        assert vectors.untyped_storage().data_ptr() == work.untyped_storage().data_ptr()
+
+
+def test_explicit_attributor_in_place_route_gives_the_same_scores():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from hf_attrib.algorithm import IFAttributorExplicit
+    from hf_attrib.task import AttributionTask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def loss(params, batch):
+        inputs, labels = batch
+        return F.cross_entropy(torch.func.functional_call(model, params, inputs), labels)
+
+    g = torch.Generator().manual_seed(2)
+    train = DataLoader(TensorDataset(torch.randn(24, 5, generator=g),
+                                     torch.randint(0, 3, (24,), generator=g)), batch_size=8)
+    test = DataLoader(TensorDataset(torch.randn(4, 5, generator=g),
+                                    torch.randint(0, 3, (4,), generator=g)), batch_size=4)
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    d = sum(p.numel() for p in model.parameters())
+    scores = {}
+    # 2 matrices fit -> fast driver; only 1 fits -> in place
+    for name, budget in (("fast", 2 * d * d * 8), ("in-place", d * d * 8)):
+        attributor = IFAttributorExplicit(task, regularization=0.1, max_hessian_bytes=budget)
+        attributor.cache(train)
+        scores[name] = attributor.attribute(train, test)
+    # the closed form from the autograd Hessian of the mean training loss
+    fns = task.functions()
+    x_all, y_all = train.dataset.tensors
+    hessian = torch.func.hessian(fns.loss)(fns.theta, (x_all, y_all)).double()
+    train_g = torch.stack([torch.func.grad(fns.loss)(fns.theta, (x_all[i:i + 1], y_all[i:i + 1]))
+                           for i in range(24)]).double()
+    x_t, y_t = test.dataset.tensors
+    test_g = torch.stack([torch.func.grad(fns.loss)(fns.theta, (x_t[i:i + 1], y_t[i:i + 1]))
+                          for i in range(4)]).double()
+    inverse = torch.linalg.inv(hessian + 0.1 * torch.eye(d, dtype=torch.float64))
+    expected = (-(train_g @ inverse @ test_g.T) / 24).float()
+    for got in scores.values():
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores["in-place"], scores["fast"], rtol=1e-5, atol=1e-8)

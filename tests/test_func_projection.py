@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from hf_attrib.func.projection import (
+    DENSE_GENERATOR,
     DenseProjector,
     FastJLProjector,
     IdentityProjector,
     SparseProjector,
     arnoldi_project,
+    dense_block,
+    dense_keys,
     fast_jl_available,
     make_projector,
     random_project,
@@ -150,6 +157,108 @@ def test_dense_kinds_entries():
     gauss = DenseProjector(d, p, kind="normal")(eye)
     assert gauss.abs().std() > 0.1 * p**-0.5
     torch.testing.assert_close(gauss.pow(2).mean(), torch.tensor(1.0 / p), rtol=0.15, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The dense maps' counter-based generator
+# --------------------------------------------------------------------------------------------
+_M = 2**64
+
+
+def _mix_ref(x: int) -> int:
+    """splitmix64's finaliser on Python ints (mod 2**64): the reference for the int64 tensors'
+    wrapping arithmetic and masked shifts."""
+    x %= _M
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % _M
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % _M
+    return x ^ (x >> 31)
+
+
+def _entry_ref(seed: int, ensemble_id: int, kind: str, i: int, j: int, p: int) -> float:
+    """Entry ``(i, j)`` of the unscaled dense map, from its definition, in float64."""
+    row_key, col_key = (k % _M for k in dense_keys(seed, ensemble_id))
+    half = (p + 1) // 2
+    row = _mix_ref(row_key + (i + 1) * 0x9E3779B97F4A7C15)
+    col = _mix_ref(col_key + (j % half + 1) * 0x9E3779B97F4A7C15)
+    word = _mix_ref(row + col)
+    if kind == "rademacher":
+        return -1.0 if (word >> (63 if j < half else 31)) & 1 else 1.0
+    u1 = ((word >> 40) + 0.5) / 2**24
+    u2 = ((word & (2**24 - 1)) + 0.5) / 2**24
+    radius = math.sqrt(-2 * math.log(u1))
+    return radius * (math.cos if j < half else math.sin)(2 * math.pi * u2)
+
+
+@pytest.mark.parametrize("kind", ["normal", "rademacher"])
+@pytest.mark.parametrize(("seed", "ensemble_id", "start", "p"),
+                         [(0, 0, 0, 8), (7, 3, 1000, 7), (-5, 2**40, 2**40 - 3, 5),
+                          (2**70, -1, 2**50, 4)])
+def test_dense_generator_matches_its_definition(kind, seed, ensemble_id, start, p):
+    # The int64 tensor ops (wrapping multiply, masked logical shift) give exactly the words of
+    # the mod-2**64 definition, for extreme seeds and counters too.
+    block = dense_block(seed, ensemble_id, kind, start, start + 3, p)
+    ref = torch.tensor([[_entry_ref(seed, ensemble_id, kind, start + r, j, p) for j in range(p)]
+                        for r in range(3)])
+    if kind == "rademacher":
+        assert torch.equal(block, ref)
+    else:
+        torch.testing.assert_close(block, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_dense_generator_is_pinned():
+    # Stored projections stay valid only while the generator does: a change must bump
+    # DENSE_GENERATOR (and these values).
+    assert DENSE_GENERATOR == "splitmix64-boxmuller-v1"
+    assert dense_block(0, 0, "rademacher", 0, 2, 8).tolist() == [
+        [-1, 1, 1, 1, -1, -1, -1, 1], [-1, 1, 1, 1, 1, -1, 1, -1]]
+    torch.testing.assert_close(dense_block(0, 0, "normal", 0, 1, 6)[0], torch.tensor(
+        [-0.29526213, 1.06604743, 0.78662807, 0.84682149, -0.53624099, -0.88913208]))
+
+
+def test_dense_generator_same_in_a_fresh_process():
+    code = ("from hf_attrib.func.projection import dense_block;"
+            "print(dense_block(11, 2, 'normal', 500, 540, 33).double().sum().item(),"
+            " dense_block(11, 2, 'rademacher', 500, 540, 33).sum().item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    here = (dense_block(11, 2, "normal", 500, 540, 33).double().sum().item(),
+            dense_block(11, 2, "rademacher", 500, 540, 33).sum().item())
+    assert (float(out[0]), float(out[1])) == here
+
+
+@pytest.mark.parametrize("kind", ["normal", "rademacher"])
+def test_dense_generator_rows_are_a_function_of_the_row(kind):
+    # any row range is a slice of a bigger block, bit for bit; odd p splits at ceil(p/2)
+    whole = dense_block(4, 1, kind, 0, 300, 37)
+    assert torch.equal(dense_block(4, 1, kind, 123, 200, 37), whole[123:200])
+    assert torch.equal(dense_block(4, 1, kind, 299, 300, 37), whole[299:])
+    assert not torch.equal(dense_block(4, 2, kind, 0, 300, 37), whole)  # another member
+    assert not torch.equal(dense_block(5, 1, kind, 0, 300, 37), whole)  # another seed
+
+
+def test_dense_generator_moments():
+    # 1.5M entries: the standard errors are ~1e-3 (mean), ~1.2e-3 (variance), ~5e-3 (4th
+    # moment); tolerances are ~5 of them.
+    rows, p = 3000, 512
+    gauss = dense_block(3, 1, "normal", 0, rows, p).double()
+    n = gauss.numel()
+    assert abs(gauss.mean()) < 5 / n**0.5
+    assert abs(gauss.var() - 1) < 5 * (2 / n) ** 0.5
+    assert abs(gauss.pow(4).mean() - 3) < 5 * (96 / n) ** 0.5  # Gaussian kurtosis, not 2.4
+    assert abs((gauss.abs() < 1).double().mean() - 0.682689) < 5 * (0.22 / n) ** 0.5
+    assert bool(torch.isfinite(gauss).all()) and gauss.abs().max() < 5.9
+    rad = dense_block(3, 1, "rademacher", 0, rows, p)
+    assert set(rad.unique().tolist()) == {-1.0, 1.0}
+    assert abs(rad.double().mean()) < 5 / n**0.5
+    for mat in (gauss, rad.double()):
+        # entries are uncorrelated across columns (cos/sin halves included) and across rows
+        cols = torch.corrcoef(mat.T)
+        off = cols[~torch.eye(p, dtype=torch.bool)]
+        assert abs(off.pow(2).mean() * rows - 1) < 0.05  # E[r^2] = 1/rows for independent
+        assert off.abs().max() < 6 / rows**0.5
+        row_corr = torch.corrcoef(mat[:200])
+        off = row_corr[~torch.eye(200, dtype=torch.bool)]
+        assert abs(off.pow(2).mean() * p - 1) < 0.1
 
 
 def test_sparse_structure():

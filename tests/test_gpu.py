@@ -130,3 +130,39 @@ def test_trak_uses_fast_jl_on_cuda_and_is_deterministic():
         runs.append(attributor.attribute(train, test))
         assert type(attributor._projectors[0]).__name__ == "FastJLProjector"
     torch.testing.assert_close(runs[0], runs[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The dense projector's on-device generator (issue 14, scope 3)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["normal", "rademacher"])
+def test_dense_map_on_cuda_equals_the_cpu_map(kind):
+    from hf_attrib.func.projection import DenseProjector, dense_block
+
+    for seed, eid, start, rows, p in [(0, 0, 0, 500, 64), (9, 3, 2**33, 100, 37)]:
+        cpu = dense_block(seed, eid, kind, start, start + rows, p)
+        cuda = dense_block(seed, eid, kind, start, start + rows, p, "cuda")
+        assert cuda.is_cuda
+        if kind == "rademacher":  # integer steps only: the same bits
+            assert torch.equal(cuda.cpu(), cpu)
+        else:  # log/sqrt/cos/sin: float32 round-off
+            torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    # the projector: same outputs on both devices, whatever the block size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 5000, generator=g)
+    ref = DenseProjector(5000, 256, seed=2, kind=kind)(x, ensemble_id=1)
+    for rows in (None, 700):
+        out = DenseProjector(5000, 256, seed=2, kind=kind, block_rows=rows)(x.cuda(),
+                                                                            ensemble_id=1)
+        assert out.is_cuda
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_auto_projector_on_cuda_without_fast_jl_is_the_dense_generator():
+    from hf_attrib.func.projection import make_projector
+
+    projector = make_projector(5000, 100, device="cuda")  # 100: not a multiple of 512
+    assert type(projector).__name__ == "DenseProjector" and projector.kind == "normal"
+    x = torch.randn(4, 5000, device="cuda", dtype=torch.bfloat16)
+    out = projector(x)
+    assert out.dtype == torch.bfloat16 and out.is_cuda and bool(torch.isfinite(out).all())

@@ -57,6 +57,7 @@ from hf_attrib.func.solvers import (
     check_finite_solution,
     lissa_recursion,
 )
+from hf_attrib.func.solvers.explicit import eigh_, symmetrize_
 from hf_attrib.func.utils import batch_size_of, unflatten_params
 from hf_attrib.loaders import loader_indices
 from hf_attrib.task import AttributionTask, CheckpointFunctions
@@ -255,7 +256,10 @@ class IFAttributorExplicit(_IFBase):
         layer_name: parameters to attribute through.
         device: where to compute (``None``: the model's device).
         regularization: :math:`\\lambda` added to the Hessian's diagonal.
-        max_hessian_bytes: refuse Hessians larger than this (float64 bytes).
+        max_hessian_bytes: refuse Hessians larger than this (float64 bytes). It is also the
+            memory budget of the eigendecomposition: on CPU (with SciPy) a Hessian up to half
+            of it is decomposed with the fast LAPACK driver (a second matrix of workspace), a
+            bigger one in place (one matrix in all, about 4x slower).
     """
 
     def __init__(self, task: AttributionTask, *, layer_name: str | Sequence[str] | None = None,
@@ -275,18 +279,28 @@ class IFAttributorExplicit(_IFBase):
                 f"({d * d * 8 / 2**30:.1f} GiB). Select fewer parameters with layer_name, or "
                 "use IFAttributorCG, IFAttributorLiSSA or IFAttributorArnoldi."
             )
+        hessian = self._build_hessian(fns, d)
+        check_finite_solution(hessian, "IFAttributorExplicit's Hessian", _HESSIAN_FIX)
+        symmetrize_(hessian)  # symmetric up to round-off; in place, tile by tile
+        # The eigendecomposition, not an inverse: (H + lambda I)^-1 = V diag(1/(e + lambda)) V^T
+        # for any lambda, so changing ``regularization`` after ``cache`` (a grid search)
+        # costs two products instead of a new Hessian. In place (one matrix in memory) when
+        # the fast LAPACK driver's second matrix would not fit in max_hessian_bytes.
+        return eigh_(hessian, self.max_hessian_bytes)
+
+    def _build_hessian(self, fns: CheckpointFunctions, d: int) -> Tensor:
+        """The float64 ``d x d`` Hessian, its rows written into one preallocated matrix."""
         # With several processes each builds its own share of the columns.
         rank, world = self._world()
         own = shard_range(d, rank, world)
-        own_columns = hessian_columns(self._hessian_matvec(fns), d, own, self.rhs_chunk_size,
-                                      fns.theta.dtype, self.device)
-        hessian = gather_rows(own_columns, torch.arange(own.start, own.stop), d)
-        check_finite_solution(hessian, "IFAttributorExplicit's Hessian", _HESSIAN_FIX)
-        hessian = (hessian + hessian.T) / 2  # symmetric up to round-off
-        # The eigendecomposition, not an inverse: (H + lambda I)^-1 = V diag(1/(e + lambda)) V^T
-        # for any lambda, so changing ``regularization`` after ``cache`` (a grid search)
-        # costs two products instead of a new Hessian.
-        return torch.linalg.eigh(hessian)
+        matvec = self._hessian_matvec(fns)
+        if world == 1:
+            hessian = torch.empty(d, d, dtype=torch.float64, device=self.device)
+            return hessian_columns(matvec, d, own, self.rhs_chunk_size, fns.theta.dtype,
+                                   self.device, out=hessian)
+        own_columns = hessian_columns(matvec, d, own, self.rhs_chunk_size, fns.theta.dtype,
+                                      self.device)
+        return gather_rows(own_columns, torch.arange(own.start, own.stop), d)
 
     def _inverse_eigenvalues(self, eigenvalues: Tensor) -> Tensor:
         """``1 / (e + lambda)``; for ``lambda = 0`` the pseudo-inverse's (zero on the null space:

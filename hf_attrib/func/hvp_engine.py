@@ -356,17 +356,22 @@ class HessianSum:
 
 
 def hessian_columns(matvec: MatVec, dim: int, columns: range, chunk: int,
-                    dtype: torch.dtype, device: torch.device | str) -> Tensor:
+                    dtype: torch.dtype, device: torch.device | str,
+                    out: Tensor | None = None) -> Tensor:
     """Columns ``columns`` of the ``dim x dim`` matrix behind ``matvec``, as float64 rows
     ``[len(columns), dim]``: products with basis vectors, ``chunk`` at a time, so memory stays
-    bounded (``torch.func.hessian`` would push all ``dim`` tangents through at once)."""
-    blocks = [torch.zeros(0, dim, dtype=torch.float64, device=device)]
+    bounded (``torch.func.hessian`` would push all ``dim`` tangents through at once).
+
+    ``out``: a preallocated ``[len(columns), dim]`` tensor the rows are written into (no
+    second copy of the matrix); returned."""
+    if out is None:
+        out = torch.empty(len(columns), dim, dtype=torch.float64, device=device)
     for start in range(columns.start, columns.stop, chunk):
         stop = min(start + chunk, columns.stop)
         basis = torch.zeros(stop - start, dim, dtype=dtype, device=device)
         basis[:, start:stop] = torch.eye(stop - start, dtype=dtype, device=device)
-        blocks.append(matvec(basis).double())
-    return torch.cat(blocks)
+        out[start - columns.start:stop - columns.start].copy_(matvec(basis))
+    return out
 
 
 def regularized(matvec: MatVec, regularization: float) -> MatVec:

@@ -11,8 +11,9 @@ share a projection. Available kinds:
 * ``"fast_jl"``: the CUDA kernel of the ``fast_jl`` package (optional ``cuda`` extra),
   Rademacher entries generated on the fly.
 * ``"normal"`` / ``"rademacher"``: dense Gaussian or ±1 entries scaled by ``1/sqrt(p)``,
-  generated in blocks of input rows from a seeded generator, so the whole ``d x p`` matrix
-  never exists in memory.
+  each a counter-based hash of ``(seed, ensemble_id, row, column)`` computed with integer
+  tensor ops on the features' device (pure torch, no build step, the same map on CPU and
+  CUDA), in blocks of input rows, so the whole ``d x p`` matrix never exists in memory.
 * ``"sparse"``: a sparse JL map (count-sketch with ``s`` non-zeros ``±1/sqrt(s)`` per input
   coordinate) applied with ``index_add_``: ``O(n d s)`` work instead of ``O(n d p)``, the fast
   choice on CPU.
@@ -33,6 +34,7 @@ from hf_attrib.func.hvp_engine import flat_objective, hvp_operator
 from hf_attrib.func.solvers import arnoldi_eigen
 
 __all__ = [
+    "DENSE_GENERATOR",
     "ArnoldiProjector",
     "DenseProjector",
     "FastJLProjector",
@@ -40,6 +42,8 @@ __all__ = [
     "Projector",
     "SparseProjector",
     "arnoldi_project",
+    "dense_block",
+    "dense_keys",
     "fast_jl_available",
     "make_projector",
     "projector_options",
@@ -57,12 +61,13 @@ _TYPE_OPTIONS: dict[str, frozenset[str]] = {
     "identity": frozenset(),
 }
 _TYPE_OPTIONS["auto"] = frozenset().union(*_TYPE_OPTIONS.values())
-# Rows of the implicit d x p matrix generated per block: bounds the projector's working memory
-# to block_rows * p floats whatever d is.
-_DEFAULT_BLOCK_ROWS = 16_384
-# Rows of the dense map drawn from one seeded generator: fixed, so that the map is a function of
-# (seed, ensemble_id) alone and block_rows only bounds memory.
-_SEED_ROWS = 1024
+# Entries of the implicit d x p matrix generated per block by default (block_rows = this / p):
+# bounds the dense projector's working memory (~16 bytes an entry with the int64 hash words)
+# whatever d is. On CPU a block's ~25 elementwise passes run fastest when their int64 words
+# (8 bytes per 2 entries) stay in the L2 cache (2**19 entries: 2 MiB); on CUDA bigger blocks
+# amortise the kernel launches (_CUDA_BLOCK_FACTOR times more).
+_BLOCK_ENTRIES = 2**19
+_CUDA_BLOCK_FACTOR = 64
 
 
 _FAST_JL_WORKS: bool | None = None
@@ -103,6 +108,99 @@ def _block_seed(seed: int, ensemble_id: int, block: int) -> int:
     return (seed * 1_000_003 + ensemble_id * 10_007 + block * 97 + 12345) % (2**63 - 1)
 
 
+# --------------------------------------------------------------------------------------------
+# Counter-based generator of the dense maps: entry (row, col) of P is a pure function of
+# (seed, ensemble_id, row, col), computed with int64 tensor ops on the features' device.
+# --------------------------------------------------------------------------------------------
+def _int64(value: int) -> int:
+    """``value`` mod 2**64 as a signed int64 (torch's int64 ops wrap modulo 2**64)."""
+    value %= 2**64
+    return value - 2**64 if value >= 2**63 else value
+
+
+# splitmix64 (Steele et al., 2014): the Weyl increment and the two finaliser multipliers.
+_GOLDEN = _int64(0x9E3779B97F4A7C15)
+_MIX1 = _int64(0xBF58476D1CE4E5B9)
+_MIX2 = _int64(0x94D049BB133111EB)
+_U24 = (1 << 24) - 1
+# Version of the dense maps' generator: a stored projection is comparable with a new one only
+# when this (with seed, ensemble_id, kind, d, p) matches.
+DENSE_GENERATOR = "splitmix64-boxmuller-v1"
+
+
+def _shr_(z: Tensor, shift: int, out: Tensor) -> Tensor:
+    """Logical right shift of int64 ``z`` into ``out``: ``>>`` on int64 is arithmetic (it
+    copies the sign bit), so the ``shift`` top bits are masked off."""
+    torch.bitwise_right_shift(z, shift, out=out)
+    return out.bitwise_and_((1 << (64 - shift)) - 1)
+
+
+def _mix_(z: Tensor, scratch: Tensor) -> Tensor:
+    """The splitmix64 finaliser applied to int64 ``z`` in place (``scratch``: same shape).
+
+    A bijection of the 64-bit words whose output bits each depend on every input bit, so
+    counters that differ in a single bit give unrelated words."""
+    for shift, mult in ((30, _MIX1), (27, _MIX2)):
+        z.bitwise_xor_(_shr_(z, shift, scratch)).mul_(mult)  # the multiply wraps mod 2**64
+    return z.bitwise_xor_(_shr_(z, 31, scratch))
+
+
+def _hashed(start: int, count: int, key: int, device: torch.device) -> Tensor:
+    """``mix(key + (i + 1) * golden)`` for ``i`` in ``start:start+count``: the splitmix64
+    stream of ``key`` (int64 ``[count]``)."""
+    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    return _mix_(z.mul_(_GOLDEN).add_(key), torch.empty_like(z))
+
+
+def dense_keys(seed: int, ensemble_id: int) -> tuple[int, int]:
+    """The row and column keys of the dense map of ``(seed, ensemble_id)`` (Python ints)."""
+    def mix(x: int) -> int:  # the scalar splitmix64 finaliser, mod 2**64
+        x %= 2**64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+        return x ^ (x >> 31)
+
+    base = mix(mix(seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) + ensemble_id)
+    return _int64(mix(base + 1)), _int64(mix(base + 2))
+
+
+def dense_block(seed: int, ensemble_id: int, kind: str, start: int, stop: int, proj_dim: int,
+                device: torch.device | str = "cpu") -> Tensor:
+    """Rows ``start:stop`` of the unscaled ``d x p`` dense map, float32, made on ``device``.
+
+    Entry ``(i, j)`` hashes ``row_key(i) + col_key(j mod h)`` (``h = ceil(p / 2)``, keys from
+    splitmix64 streams of ``(seed, ensemble_id)``) into a 64-bit word ``w``:
+
+    * ``"rademacher"``: the sign of bit 63 of ``w`` for ``j < h``, of bit 31 for ``j >= h``;
+    * ``"normal"``: Box-Muller from the uniforms ``u1 = (w[63:40] + 1/2) / 2**24`` and
+      ``u2 = (w[23:0] + 1/2) / 2**24``: ``sqrt(-2 ln u1) cos(2 pi u2)`` for ``j < h`` and the
+      ``sin`` for ``j >= h`` (the two are independent standard normals). ``u1 >= 2**-25`` keeps
+      every entry finite (``|entry| <= 5.9``).
+
+    Integer steps are exact, so the bits are the same on every device; the float steps
+    (log, sqrt, cos) agree to float32 round-off.
+    """
+    device = torch.device(device)
+    rows, half = stop - start, (proj_dim + 1) // 2
+    row_key, col_key = dense_keys(seed, ensemble_id)
+    z = _hashed(start, rows, row_key, device)[:, None] + _hashed(0, half, col_key, device)
+    scratch = torch.empty_like(z)
+    _mix_(z, scratch)
+    out = torch.empty(rows, proj_dim, dtype=torch.float32, device=device)
+    rest = proj_dim - half
+    if kind == "rademacher":
+        # (w >> 63) is -1 or 0 (arithmetic shift): 2 * that + 1 is -1 or +1.
+        out[:, :half] = torch.bitwise_right_shift(z, 63, out=scratch).mul_(2).add_(1)
+        out[:, half:] = _shr_(z[:, :rest], 31, scratch[:, :rest]).bitwise_and_(1).mul_(-2).add_(1)
+        return out
+    u1 = _shr_(z, 40, scratch).to(torch.float32).add_(0.5).mul_(2.0**-24)
+    radius = u1.log_().mul_(-2.0).sqrt_()
+    angle = z.bitwise_and_(_U24).to(torch.float32).add_(0.5).mul_(2 * math.pi * 2.0**-24)
+    torch.mul(radius, torch.cos(angle), out=out[:, :half])
+    torch.mul(radius[:, :rest], torch.sin(angle[:, :rest]), out=out[:, half:])
+    return out
+
+
 class Projector:
     """Base class: ``projector(features [n, d], ensemble_id=0) -> [n, proj_dim]``."""
 
@@ -138,44 +236,43 @@ class IdentityProjector(Projector):
 class DenseProjector(Projector):
     """Dense Gaussian (``"normal"``) or Rademacher JL projection, generated block by block.
 
-    ``P[i, :]`` for input coordinate ``i`` comes from a generator seeded by
-    ``(seed, ensemble_id, i // _SEED_ROWS)`` on the CPU, so results do not depend on the device,
-    on how the input is batched, or on ``block_rows`` (rows of ``P`` held per matmul; a
-    multiple of ``_SEED_ROWS`` avoids drawing rows twice).
+    ``P[i, j]`` is a counter-based hash of ``(seed, ensemble_id, i, j)`` (see ``dense_block``)
+    computed on the features' device, so there is no random state, no host-to-device copy and
+    no build step: the map is the same on CPU and CUDA (to float32 round-off for ``"normal"``,
+    exactly for ``"rademacher"``), for any batching of the input and any ``block_rows`` (rows
+    of ``P`` made per matmul; it bounds the working memory to about ``16 * block_rows * p``
+    bytes). The default is ``2**19 / p`` rows on CPU (cache-sized) and 64x that on CUDA, where
+    bigger blocks amortise kernel launches.
     """
 
     def __init__(self, feature_dim: int, proj_dim: int, seed: int = 0, kind: str = "normal",
-                 block_rows: int = _DEFAULT_BLOCK_ROWS) -> None:
+                 block_rows: int | None = None) -> None:
         super().__init__(feature_dim, proj_dim, seed)
         if kind not in ("normal", "rademacher"):
             raise ValueError(f"DenseProjector kind must be 'normal' or 'rademacher', got {kind!r}")
-        if block_rows < 1:
+        if block_rows is not None and (isinstance(block_rows, bool)
+                                       or not isinstance(block_rows, numbers.Integral)
+                                       or block_rows < 1):
             raise ValueError(f"block_rows must be a positive int, got {block_rows!r}.")
         self.kind = kind
-        self.block_rows = block_rows
+        self._auto_rows = block_rows is None
+        self.block_rows = int(block_rows) if block_rows is not None else max(
+            1, _BLOCK_ENTRIES // proj_dim)
+        self.generator = DENSE_GENERATOR
 
-    def _block(self, ensemble_id: int, block: int, rows: int) -> Tensor:
-        gen = torch.Generator().manual_seed(_block_seed(self.seed, ensemble_id, block))
-        if self.kind == "normal":
-            return torch.randn(rows, self.proj_dim, generator=gen)
-        bits = torch.randint(0, 2, (rows, self.proj_dim), generator=gen, dtype=torch.int8)
-        return bits.to(torch.float32).mul_(2).sub_(1)
-
-    def _rows(self, ensemble_id: int, start: int, stop: int) -> Tensor:
-        """Rows ``start:stop`` of the unscaled ``d x p`` map, from fixed ``_SEED_ROWS`` units."""
-        parts = []
-        for unit in range(start // _SEED_ROWS, (stop - 1) // _SEED_ROWS + 1):
-            lo = unit * _SEED_ROWS
-            mat = self._block(ensemble_id, unit, min(_SEED_ROWS, self.feature_dim - lo))
-            parts.append(mat[max(start - lo, 0):stop - lo])
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    def _rows_per_block(self, device: torch.device) -> int:
+        if self._auto_rows and device.type == "cuda":
+            return self.block_rows * _CUDA_BLOCK_FACTOR
+        return self.block_rows
 
     def project(self, features: Tensor, ensemble_id: int = 0) -> Tensor:
-        out = torch.zeros(features.shape[0], self.proj_dim, dtype=torch.float32,
-                          device=features.device)
-        for start in range(0, self.feature_dim, self.block_rows):
-            stop = min(start + self.block_rows, self.feature_dim)
-            mat = self._rows(ensemble_id, start, stop).to(features.device)
+        device = features.device
+        out = torch.zeros(features.shape[0], self.proj_dim, dtype=torch.float32, device=device)
+        step = self._rows_per_block(device)
+        for start in range(0, self.feature_dim, step):
+            stop = min(start + step, self.feature_dim)
+            mat = dense_block(self.seed, ensemble_id, self.kind, start, stop, self.proj_dim,
+                              device)
             out.addmm_(features[:, start:stop].to(torch.float32), mat)
         return out.div_(math.sqrt(self.proj_dim)).to(features.dtype)
 
@@ -336,9 +433,10 @@ def make_projector(feature_dim: int, proj_dim: int | None, proj_type: str = "aut
     """Build a projector.
 
     ``proj_type="auto"`` picks fast_jl on CUDA when it is installed and ``proj_dim`` is a
-    multiple of 512, the dense Gaussian map on other CUDA set-ups (random numbers are cheap
-    there), and the sparse JL map on CPU, where generating a dense ``d x p`` map block by block
-    costs ~20x more than the count-sketch (``recipes/speed/bench_projection.py``). Its
+    multiple of 512, the dense Gaussian map on other CUDA set-ups (its entries are hashed on
+    the device, in pure torch: no build step), and the sparse JL map on CPU, where generating
+    a dense ``d x p`` map block by block costs far more than the count-sketch
+    (``recipes/speed/bench_projection.py``). Its
     ``kwargs`` may hold the options of every kind; those of the kind picked are used.
 
     ``proj_dim=None`` or ``proj_dim >= feature_dim`` with ``proj_type="auto"`` gives the

@@ -37,6 +37,7 @@ BENCHMARKS = {
     "retrain": "bench_retrain",
     "ekfac-fidelity": "bench_ekfac_fidelity",
     "featurize": "bench_featurize",
+    "hessian-memory": "bench_hessian_memory",
 }
 
 
