@@ -344,3 +344,23 @@ def test_factored_attributors_on_cuda_match_cpu(cls):
     cpu = cls(task, **kwargs).attribute(train, test)
     gpu = cls(task, device="cuda", **kwargs).attribute(train, test)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_hf_trak_defaults_to_factored_where_the_engine_covers_the_layers():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    task = _gpt2_task()
+    assert task.attributor("trak").projector_kwargs == {"proj_dim": 2048,
+                                                        "proj_type": "factored"}
+    chosen = task.attributor("trak", projector_kwargs={"proj_dim": 64})
+    assert chosen.projector_kwargs == {"proj_dim": 64}  # what the user asks for stays
+    assert task.attributor("grad-dot").projector_kwargs is None  # exact gradients stay exact
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20,
+        image_size=8, patch_size=4, num_labels=3)).eval()
+    # cls_token / position_embeddings are bare parameters no hooked module owns
+    vit_task = task_from_pretrained(vit, "image-classification")
+    assert vit_task.attributor("trak").projector_kwargs == {"proj_dim": 2048}
+    last = task_from_pretrained(vit, "image-classification", layers="last:1")
+    assert last.attributor("trak").projector_kwargs["proj_type"] == "factored"
