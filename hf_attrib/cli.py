@@ -11,6 +11,7 @@
     hf-attrib hub push DIR --repo-id ORG/NAME [--repo-type dataset|model] [--large]
     hf-attrib hub pull digits-lr|ORG/NAME [--what data,ground-truth,checkpoints] [--models a:b]
     hf-attrib hub push-results RESULTS.json --repo-id ORG/NAME
+    hf-attrib index build|push|pull|query ...   (see hf_attrib.index.cli)
 """
 
 from __future__ import annotations
@@ -249,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     from hf_attrib.integrations.cli_attribute import add_attribute_parser
 
     add_attribute_parser(commands)
+    from hf_attrib.index.cli import add_index_parser
+
+    add_index_parser(commands)
     return parser
 
 

@@ -443,7 +443,7 @@ def test_card_templates_are_package_data_not_source_tree_files(monkeypatch):
     root = Path(__file__).resolve().parents[1] / "hub_cards"
     packaged = importlib.resources.files("hf_attrib.hub") / "templates"
     names = sorted(p.name for p in root.glob("*.md"))
-    assert names == ["checkpoints_card.md", "dataset_card.md", "results_card.md"]
+    assert names == ["checkpoints_card.md", "dataset_card.md", "index_card.md", "results_card.md"]
     for name in names:  # the packaged templates are hub_cards/'s
         assert (packaged / name).read_text() == (root / name).read_text()
     monkeypatch.setattr(cards, "TEMPLATES", Path("/nonexistent/hub_cards"))

@@ -271,6 +271,12 @@ class BaseAttributor(ABC):
         self._restore_cache(reader)
         self._loaded_n, self._loaded_from = n, reader.path
 
+    def cache_identity(self) -> dict[str, Any]:
+        """What a saved cache or index (``hf_attrib.index``) must match to be used by this
+        attributor, as JSON data: method, options, selected parameters, a sha256 of each
+        checkpoint's weights, projectors (compare with ``cache_store.describe_differences``)."""
+        return self._cache_identity()
+
     def _cache_identity(self) -> dict[str, Any]:
         """What a saved cache must match to be used here, as JSON data (see
         ``cache_store.describe_differences``). Loads every checkpoint once to fingerprint it."""
@@ -561,6 +567,36 @@ class FeatureAttributor(BaseAttributor):
         own = shard_range(feats.shape[0], rank, world)
         out = self._transform_test(fns, state, feats[own.start:own.stop])
         return gather_rows(out, torch.arange(own.start, own.stop), feats.shape[0])
+
+    # -- the query side of a stored index (hf_attrib.index) -----------------------------------
+    def state_from_kernel(self, checkpoint: int, kernel: Tensor | None) -> dict[str, Tensor]:
+        """Set checkpoint ``checkpoint``'s query-time state from its training features' kernel
+        ``Phi^T Phi`` (float64 ``[width, width]``, summed by the caller over the training set;
+        ``None`` when ``needs_kernel`` is false) instead of a pass over a train loader, and
+        return it as the named tensors ``save_cache`` stores (``{}``: no state)."""
+        fns = self.task.functions(checkpoint, self.layer_name)
+        self._states[checkpoint] = state = self._state_from_kernel(fns, kernel)
+        return {} if state is None else dict(self._state_tensors(checkpoint, state) or {})
+
+    def restore_state(self, checkpoint: int, tensors: Mapping[str, Tensor]) -> None:
+        """Set a checkpoint's query-time state from the tensors ``state_from_kernel`` returned."""
+        self._states[checkpoint] = (self._state_from_tensors(checkpoint, dict(tensors))
+                                    if tensors else None)
+
+    def query_transform(self, checkpoint: int, test_features: Tensor) -> Tensor:
+        """The test side of a score, ``w_c T_c(v)``: test features ``[m, width]`` mapped
+        through checkpoint ``checkpoint``'s transform (TRAK's kernel inverse, the identity)
+        and weight, so that ``score = train_features @ result.T`` summed over checkpoints."""
+        fns = self.task.functions(checkpoint, self.layer_name)
+        return self._weight(fns) * self._transform_test(fns, self._states.get(checkpoint),
+                                                        test_features)
+
+    #: Whether the query-time state needs the training features' kernel (``state_from_kernel``).
+    needs_kernel = False
+
+    def _state_from_kernel(self, fns: CheckpointFunctions, kernel: Tensor | None) -> Any:
+        """``_prepare``'s state from the kernel ``Phi^T Phi``; the default needs none."""
+        return None
 
     # -- public API --------------------------------------------------------------------------
     def featurize(self, loader: DataLoader, checkpoint: int = 0, kind: str | None = None

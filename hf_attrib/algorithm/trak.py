@@ -138,6 +138,15 @@ class TRAKAttributor(FeatureAttributor):
             for _, feats, _, _ in self._train_blocks(fns, loader, shard=True):
                 kernel += feats.double().T @ feats.double()
             kernel = all_reduce_sum(kernel)
+        return self._state_from_kernel(fns, kernel)
+
+    needs_kernel = True
+
+    def _state_from_kernel(self, fns: CheckpointFunctions, kernel: Tensor | None) -> Tensor:
+        """``(kernel + lambda D/p I)^{-1}`` of ``kernel = Phi^T Phi`` (float64)."""
+        assert kernel is not None
+        # a copy: the damping is added in place, and the caller's kernel stays as it was
+        kernel = kernel.to(device=self.device, dtype=torch.float64, copy=True)
         if self.relative_regularization is not None:
             # r * mean eigenvalue: the same on dattri's scale and on ours
             lam = self.relative_regularization * float(kernel.diagonal().mean())

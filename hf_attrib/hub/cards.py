@@ -23,7 +23,7 @@ from hf_attrib import __version__
 from hf_attrib.benchmark.settings import BenchmarkSetting
 
 __all__ = ["CITATION", "HUB_URL", "TEMPLATES", "checkpoints_card", "dataset_card", "hub_url",
-           "results_card"]
+           "read_template", "results_card"]
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "hub_cards"  # source-tree fallback
 
@@ -70,6 +70,11 @@ def _template(name: str) -> str:
     raise FileNotFoundError(
         f"card template {name} is missing: hf_attrib reads it from its package data "
         f"(hf_attrib/hub/templates/{name}) or from {path}; reinstall hf_attrib.")
+
+
+def read_template(name: str) -> str:
+    """The text of card template ``name`` of ``hub_cards/`` (packaged with hf_attrib)."""
+    return _template(name)
 
 
 def hub_url(repo_id: str, repo_type: str = "model", path: str | None = None) -> str:

@@ -57,7 +57,7 @@ from hf_attrib.hub.layout import (
     verify_file,
 )
 
-__all__ = ["PullResult", "pull", "push", "push_results", "resolve_repos"]
+__all__ = ["PullResult", "pull", "pull_files", "push", "push_results", "resolve_repos"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -371,6 +371,22 @@ def _pull_repo(repo_id: str, repo_type: str, select: Callable[[dict[str, Any]], 
 
         _verify(path, index, wanted, refetch)
     return path, got
+
+
+def pull_files(repo_id: str, repo_type: str, select: Callable[[dict[str, Any]], list[str]], *,
+               out: str | Path | None = None, revision: str | None = None,
+               endpoint: str | None = None, token: str | None = None,
+               cache_dir: str | Path | None = None, verify: bool = True
+               ) -> tuple[Path, list[str]]:
+    """Download any hf-attrib repo's index, then exactly the indexed files ``select(index)``
+    picks (and the card), each checked against its sha256 (see :func:`pull`).
+
+    Returns:
+        ``(local folder, repo paths present there)``.
+    """
+    return _pull_repo(repo_id, repo_type, select, out=None if out is None else Path(out),
+                      revision=revision, endpoint=endpoint or hf_constants.ENDPOINT,
+                      token=token, cache_dir=cache_dir, verify=verify)
 
 
 def pull(setting_or_repo: str, what: Sequence[str] = WHAT, *, models: Any = None,

@@ -1,0 +1,191 @@
+"""hf_attrib.index: build, open and query an attribution index (exactness, identity, resume)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from integrations_helpers import char_tokenizer, random_texts, tiny_gpt2
+
+import hf_attrib.index.builder as builder
+from hf_attrib.hub.errors import HubIntegrityError
+from hf_attrib.index import Index, build
+from hf_attrib.index.format import BUILD_DIR, INDEX_FILE, mmap_tensor, shard_file
+from hf_attrib.index.hub import shards_for_rows
+from hf_attrib.integrations.transformers import task_from_pretrained
+
+FACTORED = {"proj_type": "factored", "proj_dim": 128}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return (Dataset.from_dict({"text": random_texts(22, 0)}),
+            Dataset.from_dict({"text": random_texts(3, 1)}))
+
+
+def _task(seed: int = 0, layers=None):
+    return task_from_pretrained(tiny_gpt2(seed), "causal-lm", processor=char_tokenizer(),
+                                layers=layers)
+
+
+def _reference(att, task, train, test) -> torch.Tensor:
+    return att.attribute(task.dataloader(train, batch_size=4), task.dataloader(test, batch_size=4))
+
+
+@pytest.mark.parametrize("method", ["trak", "grad-dot"])
+def test_query_equals_in_memory_attribute(tmp_path, data, method):
+    """float32 storage: the index's scores are attribute()'s to float32 round-off; float16:
+    to fp16 round-off of the stored training features; top-k are attribute()'s top-k."""
+    train, test = data
+    task = _task()
+    att = task.attributor(method, projector_kwargs=FACTORED)
+    ref = _reference(att, task, train, test)
+    for dtype, tol in (("float32", 1e-5), ("float16", 2e-3)):
+        out = tmp_path / dtype
+        result = build(att, train, out=out, dtype=dtype, shard_rows=8, batch_size=4)
+        assert result.complete and result.num_shards == 3 and result.computed == [0, 1, 2]
+        index = Index.open(out, task=att)
+        scores = index.scores(test)
+        assert scores.shape == ref.shape
+        assert (scores - ref).abs().max() <= tol * ref.abs().max()
+        top = index.query(test, top_k=4)
+        assert torch.equal(top.example_ids, ref.topk(4, dim=0).indices.T)
+        assert torch.allclose(top.scores, ref.topk(4, dim=0).values.T, rtol=tol, atol=0)
+    meta = json.loads((tmp_path / "float16" / INDEX_FILE).read_text())["attribution_index"]
+    assert meta["features"]["dtype"] == "float16" and meta["dataset"]["num_rows"] == 22
+    assert meta["sizes"]["bytes_per_example"] > 2 * meta["features"]["width"]
+
+
+def test_query_rebuilds_the_recorded_attributor_and_returns_texts(tmp_path, data):
+    """Opened with the task only: the method and options come from the index file."""
+    train, test = data
+    task = _task()
+    att = task.attributor("trak", projector_kwargs=FACTORED, regularization=1e-3)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    index = Index.open(tmp_path / "i", task=task, dataset=train)
+    got = index.query([test[0]["text"]], top_k=2)
+    ref = _reference(att, task, train, test.select([0]))[:, 0]
+    assert got.example_ids[0].tolist() == ref.topk(2).indices.tolist()
+    assert got.texts == [[train[int(i)]["text"] for i in got.example_ids[0]]]
+    with pytest.raises(ValueError, match="is not the one indexed"):
+        Index.open(tmp_path / "i", task=task, dataset=train.select(range(5)))
+
+
+def test_index_refuses_other_weights_layers_and_options(tmp_path, data):
+    train, _ = data
+    task = _task()
+    build(task.attributor("trak", projector_kwargs=FACTORED), train, out=tmp_path / "i",
+          shard_rows=8, batch_size=4)
+    with pytest.raises(ValueError, match=r"checkpoint 0's weights.*built for"):
+        Index.open(tmp_path / "i", task=_task(seed=1))
+    with pytest.raises(ValueError, match="the layer selection"):
+        Index.open(tmp_path / "i", task=_task(layers="last:1"))
+    other = _task().attributor("trak", projector_kwargs={**FACTORED, "proj_seed": 7})
+    with pytest.raises(ValueError, match="option projection"):
+        Index.open(tmp_path / "i", task=other)
+
+
+def test_killed_build_resumes_at_the_first_missing_shard(tmp_path, data, monkeypatch):
+    """A crash while writing shard 2 (of 3): the rerun hash-checks shards 0-1, recomputes
+    nothing of them, computes shard 2; the result equals an uninterrupted build."""
+    train, test = data
+    task = _task()
+    att = task.attributor("trak", projector_kwargs=FACTORED)
+    real_write, calls = builder._write_shard, []
+
+    def dying_write(out, shard, *args):
+        if shard == 2:
+            raise KeyboardInterrupt("killed")
+        return real_write(out, shard, *args)
+
+    monkeypatch.setattr(builder, "_write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    assert not (tmp_path / "i" / INDEX_FILE).exists()
+    monkeypatch.setattr(builder, "_write_shard", real_write)
+    real_featurize = builder.featurize_shard
+
+    def counting(att_, loader, indices):
+        calls.append(indices[0])
+        return real_featurize(att_, loader, indices)
+
+    monkeypatch.setattr(builder, "featurize_shard", counting)
+    result = build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    assert result.skipped == [0, 1] and result.computed == [2] and calls == [16]
+    assert result.complete
+    build(att, train, out=tmp_path / "whole", shard_rows=8, batch_size=4)
+    a = Index.open(tmp_path / "i", task=att).scores(test)
+    b = Index.open(tmp_path / "whole", task=att).scores(test)
+    assert torch.equal(a, b)
+    # A finished shard changed on disk is not trusted: recomputed.
+    shard = tmp_path / "i" / shard_file(0, 3)
+    shard.write_bytes(shard.read_bytes()[:-4] + b"\0\0\0\0")
+    calls.clear()
+    assert build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4).computed == [0]
+
+
+def test_shard_split_across_processes_writes_the_index_once_complete(tmp_path, data):
+    train, test = data
+    task = _task()
+    att = task.attributor("grad-dot", projector_kwargs=FACTORED)
+    first = build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4, shard=(0, 2))
+    assert first.computed == [0, 2] and not first.complete
+    assert not (tmp_path / "i" / INDEX_FILE).exists()
+    with pytest.raises(ValueError, match="unfinished index build"):
+        from hf_attrib.index.hub import push_index
+        push_index(tmp_path / "i", "org/x")
+    second = build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4, shard=(1, 2))
+    assert second.computed == [1] and second.complete
+    ref = _reference(att, task, train, test)
+    assert torch.allclose(Index.open(tmp_path / "i", task=att).scores(test), ref, rtol=2e-3,
+                          atol=2e-3 * float(ref.abs().max()))
+
+
+def test_build_refuses_another_index_in_the_folder_and_bad_options(tmp_path, data):
+    train, _ = data
+    task = _task()
+    build(task.attributor("grad-dot", projector_kwargs=FACTORED), train, out=tmp_path / "i",
+          shard_rows=8, batch_size=4)
+    with pytest.raises(ValueError, match=r"holds a build of another index.*method"):
+        build(task.attributor("grad-cos", projector_kwargs=FACTORED), train,
+              out=tmp_path / "i", shard_rows=8, batch_size=4)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not an index build"):
+        build(task, train, out=tmp_path / "other")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        build(task, train, out=tmp_path / "x", dtype="int8")
+    with pytest.raises(ValueError, match="needs the training set at query time"):
+        build(task, train, out=tmp_path / "x", method="if-cg")
+
+
+def test_damaged_shard_and_missing_rows_are_clear_errors(tmp_path, data):
+    train, test = data
+    att = _task().attributor("grad-dot", projector_kwargs=FACTORED)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    index = Index.open(tmp_path / "i", task=att)
+    assert index.example_ids().tolist() == list(range(22))
+    assert shards_for_rows(index.index, "9:17") == [shard_file(1, 3), shard_file(2, 3)]
+    assert index.query(test, top_k=3, rows="8:16").rows.min() >= 8
+    (tmp_path / "i" / shard_file(2, 3)).unlink()
+    with pytest.raises(Exception, match=r"missing: pull the shards of rows 16:22"):
+        Index.open(tmp_path / "i", task=att).query(test, top_k=3)
+    path = tmp_path / "i" / shard_file(0, 3)
+    tensor = mmap_tensor(path, "checkpoint-0")
+    assert tensor.dtype == torch.float16 and tensor.shape[0] == 8
+    path.write_bytes(path.read_bytes()[:-2] + b"\x00\x01")
+    with pytest.raises(HubIntegrityError, match="does not match the sha256"):
+        Index.open(tmp_path / "i", task=att).query(test, top_k=3, rows="0:8")
+    with pytest.raises(ValueError, match="outside the index's 22 rows"):
+        index.query(test, rows="0:99")
+    assert (tmp_path / "i" / BUILD_DIR / "plan.json").is_file()
+
+
+def test_open_without_a_task_needs_a_recorded_model(tmp_path, data):
+    train, _ = data
+    build(_task().attributor("grad-dot", projector_kwargs=FACTORED), train, out=tmp_path / "i",
+          shard_rows=8, batch_size=4)  # a model built from a config: no Hub id
+    with pytest.raises(ValueError, match="does not record a loadable model"):
+        Index.open(tmp_path / "i")
