@@ -17,7 +17,7 @@ from hf_attrib.algorithm import (
     TRAKAttributor,
 )
 from hf_attrib.func.factored_projection import FactoredProjector
-from hf_attrib.func.layer_grads import LayerGradients
+from hf_attrib.func.layer_grads import LayerGradients, Side
 from hf_attrib.func.utils import flatten_params, per_sample_grad, slice_batch, unflatten_params
 from hf_attrib.integrations import task_from_pretrained
 from tests.integrations_helpers import char_tokenizer, tiny_gpt2
@@ -131,9 +131,9 @@ def test_projection_matrices_are_seeded_per_block_side_and_member():
 def test_a_width_budget_picks_the_largest_factor_dim_that_fits():
     model, layout, _, _ = _setup()
     blocks = list(LayerGradients(model, list(layout)).blocks.values())
-    for budget in (5, 40, 100, 318, 10_000):
+    for budget in (8, 40, 100, 318, 10_000):
         k = FactoredProjector.factor_dim_for(blocks, budget)
-        assert FactoredProjector.width_for(blocks, k) <= budget or k == 1
+        assert FactoredProjector.width_for(blocks, k) <= budget
         assert FactoredProjector.width_for(blocks, k + 1) > budget or k >= 18
     task = _mlp_task()
     attributor = TRAKAttributor(task, projector_kwargs={"proj_type": "factored", "proj_dim": 30})
@@ -364,3 +364,95 @@ def test_hf_trak_defaults_to_factored_where_the_engine_covers_the_layers():
     assert vit_task.attributor("trak").projector_kwargs == {"proj_dim": 2048}
     last = task_from_pretrained(vit, "image-classification", layers="last:1")
     assert last.attributor("trak").projector_kwargs["proj_type"] == "factored"
+
+
+# -- what the checks catch, and the less common layouts -------------------------------------
+def test_a_token_mean_across_the_batch_is_caught_on_a_later_batch():
+    """transformers' own outputs.loss averages tokens over the whole batch: per-example
+    gradients are then scaled by each example's share of the tokens. A first batch of equal
+    lengths hides it; the forward-only spot check of batch 1 does not."""
+    model = tiny_gpt2()
+
+    def hf_loss(params, batch):
+        return torch.func.functional_call(model, params, (), batch).loss
+
+    task = AttributionTask(hf_loss, model, model.state_dict())
+    full = torch.randint(4, 30, (4, 8))
+    padded = full.clone()
+    labels = padded.clone()
+    labels[0, 3:] = -100
+    labels[1, 5:] = -100
+    batches = [{"input_ids": full, "labels": full}, {"input_ids": padded, "labels": labels}]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    attributor = GradDotAttributor(task, projector_kwargs={"proj_type": "factored"})
+    with pytest.raises(ValueError, match="not the mean"):
+        attributor.cache(loader)
+
+
+def test_a_layer_on_unbatched_positions_is_refused():
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(6, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):  # positions [T] -> [T, 4], broadcast over the batch
+            return self.out(x + self.pos(torch.arange(x.shape[1])))[:, 0]
+
+    model = Positional().eval()
+
+    def loss(params, batch):
+        x, y = batch
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    task = AttributionTask(loss, model, model.state_dict())
+    data = list(zip(torch.randn(10, 6, 4), torch.randint(0, 3, (10,)), strict=True))
+    loader = torch.utils.data.DataLoader(data, batch_size=5)
+    with pytest.raises(ValueError, match="leading size 6"):
+        GradDotAttributor(task, projector_kwargs={"proj_type": "factored"}).cache(loader)
+
+
+def test_exact_norms_when_positions_outnumber_the_weight():
+    torch.manual_seed(0)
+    r, c = torch.randn(3, 12, 2), torch.randn(3, 12, 3)  # T^2 = 144 > 2 x 3
+    grads = torch.bmm(r.transpose(1, 2), c)
+    got = FactoredProjector.squared_norm(Side(r, 2), Side(c, 3))
+    torch.testing.assert_close(got, grads.pow(2).sum((1, 2)))
+    torch.testing.assert_close(FactoredProjector.squared_norm(Side(r[:, :1], 2), Side(c[:, :1], 3)),
+                               torch.bmm(r[:, :1].transpose(1, 2), c[:, :1]).pow(2).sum((1, 2)))
+
+
+def test_a_budget_below_one_feature_per_parameter_is_refused():
+    model, layout, _, _ = _setup()
+    blocks = list(LayerGradients(model, list(layout)).blocks.values())
+    with pytest.raises(ValueError, match="smallest factored width"):
+        FactoredProjector.factor_dim_for(blocks, len(blocks) - 1)
+
+
+def test_layernorm_over_two_dimensions_is_a_vector_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm([3, 4]), nn.Flatten(), nn.Linear(12, 2))
+    model.eval()
+    with torch.no_grad():
+        model[1].weight.normal_()
+    layout = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(theta, batch):
+        x, y = batch
+        out = torch.func.functional_call(model, unflatten_params(theta, layout), (x,))
+        return F.cross_entropy(out, y)
+
+    theta = flatten_params(layout)
+    batch = (torch.randn(5, 3, 4), torch.randint(0, 2, (5,)))
+    _, feats = _engine_features(model, layout, loss, theta, batch, factor_dim=100)
+    torch.testing.assert_close(feats, per_sample_grad(loss, theta, batch), rtol=1e-4, atol=1e-6)
+
+
+def test_training_mode_after_construction_is_refused():
+    task = _mlp_task()
+    train, _ = _loaders()
+    attributor = GradDotAttributor(task, projector_kwargs={"proj_type": "factored"})
+    attributor._width(task.functions(0))  # the engine is built (model in eval mode) ...
+    task.model.train()  # ... then dropout would be switched on
+    with pytest.raises(ValueError, match="put in training mode"):
+        attributor.cache(train)

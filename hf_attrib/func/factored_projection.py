@@ -80,6 +80,12 @@ class FactoredProjector:
     def factor_dim_for(cls, blocks: Sequence[Block], proj_dim: int) -> int:
         """The largest ``factor_dim`` whose width is at most ``proj_dim`` (at least 1), so
         that a factored projection can be compared with a dense one of the same size."""
+        smallest = cls.width_for(blocks, 1)
+        if proj_dim < smallest:
+            raise ValueError(
+                f"proj_dim={proj_dim} is below the smallest factored width of these layers, "
+                f"{smallest} (one feature per selected parameter); give proj_dim >= {smallest} "
+                "or select fewer layers.")
         low, high = 1, max(max(b.rows, b.cols) for b in blocks)
         while low < high:  # the width grows with factor_dim
             mid = (low + high + 1) // 2
@@ -112,13 +118,25 @@ class FactoredProjector:
     def accumulate(self, out: Tensor, block: Block, rows: Side, cols: Side | None,
                    ensemble_id: int = 0) -> None:
         """Add one module use's projected gradient of ``block`` to ``out [B, proj_dim]``."""
-        r = rows.project(self.matrix(block, 0, ensemble_id))
+        p_r = self.matrix(block, 0, ensemble_id)
         target = out[:, self.slices[block.name]]
+        if rows.values.shape[0] != out.shape[0]:
+            raise ValueError(f"{block.name}: factors of {rows.values.shape[0]} examples for "
+                             f"features of {out.shape[0]}.")
         if cols is None:
-            target += r.sum(1)
+            target += rows.project(p_r).sum(1)
             return
         c = cols.project(self.matrix(block, 1, ensemble_id))
-        target += torch.bmm(r.transpose(1, 2), c).reshape(out.shape[0], -1)
+        if rows.is_index and p_r is None:
+            # Token rows kept whole: scatter each position's c_t into its token's row instead
+            # of multiplying by a [B, T, vocab] one-hot.
+            batch, vocab = out.shape[0], rows.dim
+            flat = (rows.values + vocab * torch.arange(batch, device=c.device)[:, None])
+            summed = c.new_zeros(batch * vocab, c.shape[-1])
+            summed.index_add_(0, flat.reshape(-1), c.reshape(-1, c.shape[-1]))
+            target += summed.view(batch, -1)
+            return
+        target += torch.bmm(rows.project(p_r).transpose(1, 2), c).reshape(out.shape[0], -1)
 
     @staticmethod
     def squared_norm(rows: Side, cols: Side | None) -> Tensor:
@@ -128,6 +146,10 @@ class FactoredProjector:
         if cols is None:
             summed = rows.project(None).sum(1)
             return (summed * summed).sum(-1)
+        positions = rows.values.shape[1]
+        if positions * positions > rows.dim * cols.dim:  # many positions: the [B, T, T] Grams
+            grad = torch.bmm(rows.project(None).transpose(1, 2), cols.project(None))  # are larger
+            return grad.pow(2).sum((1, 2))
         return (rows.gram() * cols.gram()).sum((1, 2))
 
     # -- the same map on explicit gradients (tests, checks) ------------------------------------

@@ -97,7 +97,7 @@ class Block:
 
     @property
     def rows(self) -> int:
-        return self.shape[0]
+        return self.shape[0] if self.is_matrix else math.prod(self.shape)
 
     @property
     def cols(self) -> int:
@@ -163,7 +163,7 @@ class LayerGradients:
         name_of = {id(p): n for n, p in params.items()}  # tied: the canonical (first) name
         selected = set(names)
         self.sites: list[_Site] = []
-        covered: set[str] = set()
+        found: dict[str, Block] = {}
         for module in model.modules():
             kind = supported_kind(module)
             if kind is None:
@@ -173,10 +173,14 @@ class LayerGradients:
             if weight is None and bias is None:
                 continue
             self.sites.append(_Site(kind, module, weight, bias))
-            covered |= {b.name for b in (weight, bias) if b is not None}
-        self.blocks = {n: Block(n, tuple(params[n].shape), params[n].dim() > 1)
-                       for n in names if n in covered}
-        self.uncovered = [n for n in names if n not in covered]
+            for block in (weight, bias):
+                if block is not None and found.setdefault(block.name, block) != block:
+                    raise ValueError(
+                        f"{block.name} is used as a matrix by one module and as a vector by "
+                        "another; the per-layer engine cannot combine them. Leave it out "
+                        "(layer_name=...) or use a dense projection.")
+        self.blocks = {n: found[n] for n in names if n in found}
+        self.uncovered = [n for n in names if n not in found]
 
     def run(self, value: Callable[[], Tensor], batch_size: int, visit: Visitor) -> Tensor:
         """Evaluate ``value()`` (the batch-mean loss, parameters not requiring grad) under the
@@ -209,16 +213,21 @@ class LayerGradients:
                 # graph: its output becomes a leaf the backward runs to. An output shared by
                 # the batch (position embeddings of ids [1, T]) is given one copy per example,
                 # or its gradient would arrive summed over the examples.
-                if output.shape[0] == 1 and batch_size > 1:
+                if output.dim() > 0 and output.shape[0] == 1 and batch_size > 1:
                     output = output.expand(batch_size, *output.shape[1:])
                     inputs = inputs.expand(batch_size, *inputs.shape[1:])
                 output = output.detach().contiguous().requires_grad_(True)
                 leaves.append(output)
-            elif output.shape[0] != batch_size:
+            if output.dim() == 0 or output.shape[0] != batch_size or (
+                    inputs.dim() > 0 and inputs.shape[0] != batch_size):
+                # A layer on [tokens, d] (MoE experts), [T, B, d] (sequence first) or an
+                # unbatched [T, d] would have its positions credited to the wrong examples.
                 raise ValueError(
-                    f"{type(module).__name__} produced an output of leading size "
-                    f"{output.shape[0]} for a batch of {batch_size}: the per-layer engine needs "
-                    "the batch as each selected layer's first dimension. Leave that layer out "
+                    f"{type(module).__name__} was called on an input of leading size "
+                    f"{inputs.shape[0] if inputs.dim() else 0} / output of leading size "
+                    f"{output.shape[0] if output.dim() else 0} for a batch of {batch_size}: the "
+                    "per-layer engine needs the batch as each selected layer's first dimension "
+                    "(no routed tokens, no sequence-first layout). Leave that layer out "
                     "(layer_name=...) or use a dense projection.")
             output.register_hook(lambda grad: self._visit(site, inputs, grad, visit))
             return output
