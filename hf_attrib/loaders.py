@@ -11,9 +11,12 @@ the core's messages never send users to higher layers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import (
     BatchSampler,
@@ -26,7 +29,8 @@ from torch.utils.data import (
 
 from hf_attrib.func.utils import batch_size_of
 
-__all__ = ["SubsetSampler", "check_loader", "count_examples", "loader_indices"]
+__all__ = ["SubsetSampler", "check_loader", "count_examples", "loader_fingerprint",
+           "loader_indices"]
 
 
 class SubsetSampler(Sampler[int]):
@@ -141,6 +145,51 @@ def count_examples(loader: Any) -> int:
             and not isinstance(loader.dataset, IterableDataset)):
         return sum(len(indices) for indices in batch_sampler)
     return sum(batch_size_of(batch) for batch in loader)
+
+
+def loader_fingerprint(loader: Any) -> tuple[int, str]:
+    """``(examples, sha256)`` of one pass over ``loader``: the count ``count_examples`` gives,
+    and a sha256 over every batch in order, every tensor (and NumPy array) of it by dtype,
+    shape and bytes, mapping keys sorted, other values by ``repr``.
+
+    What a saved attributor cache records of its training set: a loader over other data, or
+    the same data in another order, has another fingerprint even when it yields as many
+    examples. Batching is part of it (the same data batched otherwise differs too). Costs one
+    pass that loads the data (no model call).
+    """
+    h = hashlib.sha256()
+    count = 0
+    for batch in loader:
+        h.update(b"batch")
+        _hash_value(h, batch)
+        count += batch_size_of(batch)
+    return count, h.hexdigest()
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    """Feed a (nested) batch value to ``h``; each entry is prefixed by its kind and layout
+    (a JSON header), so different structures never hash the same bytes alike."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(json.dumps(["tensor", str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    elif isinstance(value, np.ndarray) and value.dtype != object:
+        a = np.ascontiguousarray(value)
+        h.update(json.dumps(["array", a.dtype.str, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    elif isinstance(value, Mapping):
+        h.update(json.dumps(["mapping", len(value)]).encode())
+        for key in sorted(value, key=repr):
+            h.update(json.dumps(["key", repr(key)]).encode())
+            _hash_value(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(json.dumps(["sequence", len(value)]).encode())
+        for item in value:
+            _hash_value(h, item)
+    else:
+        text = repr(value)
+        h.update(json.dumps(["value", len(text)]).encode())
+        h.update(text.encode("utf-8", "backslashreplace"))
 
 
 def loader_indices(loader: DataLoader) -> list[int]:

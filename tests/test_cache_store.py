@@ -8,6 +8,7 @@ not fit (other weights, layers, projection) or was tampered with must be refused
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,7 +29,14 @@ from hf_attrib.algorithm import (
     make_attributor,
     method_names,
 )
-from hf_attrib.algorithm.cache_store import CacheIntegrityError, read_cache, write_cache
+from hf_attrib.algorithm import base as algorithm_base
+from hf_attrib.algorithm.cache_store import (
+    CacheIntegrityError,
+    describe_differences,
+    read_cache,
+    write_cache,
+)
+from hf_attrib.loaders import SubsetSampler, loader_fingerprint
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
 N_TRAIN, N_TEST, DIM, HIDDEN, CLASSES = 24, 5, 4, 6, 3
@@ -332,7 +340,7 @@ def test_interrupted_save_leaves_the_old_cache(saved, monkeypatch):
         raise KeyboardInterrupt("killed while writing")
 
     with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
-        m.setattr(cache_store, "_sha256_file", crash)  # after the first shard is written
+        m.setattr(cache_store, "sha256_file", crash)  # after the first shard is written
         other.save_cache(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # no temporary left
@@ -436,3 +444,194 @@ def test_explicit_round_trip_keeps_float64_eigenvectors(tmp_path):
     for c in range(2):
         for a, b in zip(original._states[c], fresh._states[c], strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# The training set a cache was built on
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change", ["other data", "re-sorted", "rebatched"])
+def test_train_loader_of_the_same_size_but_other_batches_is_refused(saved, change):
+    """A cache credits its features to the train loader's rows: same count is not enough."""
+    path, checkpoints = saved
+    train, test = _loaders()
+    if change == "other data":
+        other, _ = _loaders(seed=7)
+    elif change == "re-sorted":
+        other = DataLoader(train.dataset, batch_size=8,
+                           sampler=SubsetSampler(range(N_TRAIN - 1, -1, -1)))
+    else:
+        other = DataLoader(train.dataset, batch_size=6)
+    fresh = _build("trak", checkpoints=checkpoints)
+    fresh.load_cache(path)
+    with pytest.raises(ValueError, match=r"the train loader's batches differ from those the "
+                                         r"cache loaded from .* was built on .*Pass the "
+                                         r"training loader the cache was built with"):
+        fresh.attribute(other, test)
+    with pytest.raises(ValueError, match=r"batches differ"):
+        fresh.self_attribute(other)
+    fresh.attribute(train, test)  # the right one is still taken
+
+
+def test_rps_checks_the_train_loader_too(tmp_path):
+    train, test = _loaders()
+    original = _build("rps")
+    original.cache(train)
+    original.save_cache(tmp_path / "c")
+    fresh = _build("rps")
+    fresh.load_cache(tmp_path / "c")
+    other, _ = _loaders(seed=7)
+    with pytest.raises(ValueError, match=r"batches differ"):
+        fresh.attribute(other, test)
+
+
+def test_manifest_without_a_train_fingerprint_is_refused(saved):
+    path, checkpoints = saved
+    _edit_manifest(path, lambda m: m.pop("train_fingerprint"))
+    with pytest.raises(CacheIntegrityError, match=r"no valid train_fingerprint .*rebuild the "
+                                                  r"cache"):
+        _build("trak", checkpoints=checkpoints).load_cache(path)
+
+
+def test_fingerprint_is_saved_again_from_a_loaded_cache(tmp_path):
+    train, _ = _loaders()
+    original = _build("if-explicit")
+    original.cache(train)
+    original.save_cache(tmp_path / "a")
+    middle = _build("if-explicit")
+    middle.load_cache(tmp_path / "a")
+    middle.save_cache(tmp_path / "b")  # no loader bound: the loaded fingerprint is kept
+    recorded = [json.loads((tmp_path / f / "cache.json").read_text())["train_fingerprint"]
+                for f in ("a", "b")]
+    assert recorded[0] == recorded[1] == loader_fingerprint(train)[1]
+
+
+def test_loader_fingerprint_sees_data_order_structure_and_batching():
+    x = torch.arange(12.0).reshape(6, 2)
+    y = torch.arange(6)
+    base = loader_fingerprint(DataLoader(TensorDataset(x, y), batch_size=3))
+    assert base[0] == 6
+    assert base == loader_fingerprint(DataLoader(TensorDataset(x.clone(), y), batch_size=3))
+    changed = x.clone()
+    changed[5, 1] += 1
+    others = [
+        DataLoader(TensorDataset(changed, y), batch_size=3),                     # a value
+        DataLoader(TensorDataset(x.double(), y), batch_size=3),                  # a dtype
+        DataLoader(TensorDataset(x, y), batch_size=2),                           # batching
+        DataLoader(TensorDataset(x, y), batch_size=3, sampler=[1, 0, 2, 3, 4, 5]),  # order
+        [{"x": x[:3], "y": y[:3]}, {"x": x[3:], "y": y[3:]}],                   # structure
+    ]
+    digests = {base[1]} | {loader_fingerprint(o)[1] for o in others}
+    assert len(digests) == 1 + len(others)
+    # keys of a mapping in another insertion order: the same batch
+    one = [{"a": x, "b": ["t1", 2]}]
+    assert loader_fingerprint(one) == loader_fingerprint([{"b": ["t1", 2], "a": x}])
+    assert loader_fingerprint(one) != loader_fingerprint([{"a": x, "b": ["t1", 3]}])
+
+
+def test_hf_task_kind_and_target_are_part_of_the_identity(tmp_path):
+    train, _ = _loaders()
+    checkpoints = _checkpoints(2)
+    original = _build("trak", checkpoints=checkpoints)
+    original.task.task_kind = "text-classification"  # as an integrations task carries it
+    original.cache(train)
+    original.save_cache(tmp_path / "c")
+    options = json.loads((tmp_path / "c" / "cache.json").read_text())["identity"]["options"]
+    assert options["task_kind"] == "text-classification" and options["task_target"] == "default"
+    other = _build("trak", checkpoints=checkpoints)
+    other.task.task_kind = "token-classification"
+    with pytest.raises(ValueError, match=r"option task_kind: cache 'text-classification', this "
+                                         r"attributor 'token-classification'"):
+        other.load_cache(tmp_path / "c")
+    plain = _build("trak", checkpoints=checkpoints)  # no task_kind: refused too
+    with pytest.raises(ValueError, match=r"option task_kind: cache 'text-classification', this "
+                                         r"attributor '<unset>'"):
+        plain.load_cache(tmp_path / "c")
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest consistency
+# --------------------------------------------------------------------------------------------
+def test_split_tensor_whose_parts_miss_rows_is_refused(tmp_path):
+    write_cache(tmp_path / "c", {"a": torch.arange(40.0).reshape(10, 4)}, {"num_train": 1},
+                max_shard_bytes=48)
+    _edit_manifest(tmp_path / "c", lambda m: m["tensors"]["a"]["parts"].pop())  # rows 9:10
+    reader = read_cache(tmp_path / "c")
+    with pytest.raises(CacheIntegrityError, match=r"tensor 'a' .*its pieces do not make the "
+                                                  r"shape \[10, 4\]"):
+        reader.tensor("a")
+
+
+def test_weights_sha256_lists_are_compared_whole(saved):
+    identity = {"method": "M", "num_checkpoints": 2, "weights_sha256": ["a" * 64, "b" * 64]}
+    assert describe_differences(identity, identity) == []
+    emptied = describe_differences({**identity, "weights_sha256": []}, identity)
+    assert [d.split(" (")[0] for d in emptied] == ["checkpoint 0's weights",
+                                                  "checkpoint 1's weights"]
+    assert describe_differences({**identity, "weights_sha256": None}, identity)
+    path, checkpoints = saved
+    _edit_manifest(path, lambda m: m["identity"].update(weights_sha256=[]))
+    with pytest.raises(ValueError, match=r"checkpoint 0's weights .*checkpoint 1's weights"):
+        _build("trak", checkpoints=checkpoints).load_cache(path)
+
+
+def test_unknown_identity_entries_are_compared():
+    assert describe_differences({"method": "M", "extra": 1}, {"method": "M"}) == [
+        "extra: cache 1, this attributor '<unset>'"]
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupted saves and other processes
+# --------------------------------------------------------------------------------------------
+def _kill_between_renames(path: Path, suffix: str = "0badc0de") -> Path:
+    """The state a save killed between its two renames leaves: the old cache renamed away,
+    nothing at ``path``."""
+    aside = path.parent / f".{path.name}.old-{suffix}"
+    path.rename(aside)
+    return aside
+
+
+def test_cache_left_aside_by_a_killed_save_is_restored_on_read(saved):
+    path, checkpoints = saved
+    aside = _kill_between_renames(path)
+    _build("trak", checkpoints=checkpoints).load_cache(path)
+    assert path.is_dir() and not aside.exists()
+
+
+def test_cache_left_aside_by_a_killed_save_is_restored_then_replaced_on_write(saved):
+    path, checkpoints = saved
+    train, _ = _loaders()
+    _kill_between_renames(path)
+    other = _build("trak", checkpoints=checkpoints, regularization=1.0)
+    other.cache(train)
+    other.save_cache(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache"]  # nothing left aside
+    _build("trak", checkpoints=checkpoints, regularization=1.0).load_cache(path)
+
+
+def test_two_caches_left_aside_are_not_guessed_between(saved):
+    path, _ = saved
+    aside = _kill_between_renames(path)
+    shutil.copytree(aside, path.parent / f".{path.name}.old-11111111")
+    with pytest.raises(FileNotFoundError, match=r"2 earlier caches were left aside by "
+                                                r"interrupted saves.*rename the intact one"):
+        read_cache(path)
+
+
+def _as_other_rank(attributor, monkeypatch, rank0_wrote: bool) -> None:
+    """Make ``attributor`` rank 1 of 2, with rank 0's outcome ``rank0_wrote``."""
+    monkeypatch.setattr(attributor, "_world", lambda: (1, 2))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
+    monkeypatch.setattr(algorithm_base, "all_reduce_sum",
+                        lambda t: t + (1 if rank0_wrote else 0))
+
+
+def test_other_ranks_raise_when_rank_0_failed_even_over_an_old_cache(saved, monkeypatch):
+    path, checkpoints = saved  # an earlier cache.json is there
+    train, _ = _loaders()
+    other = _build("trak", checkpoints=checkpoints, regularization=1.0)
+    other.cache(train)
+    _as_other_rank(other, monkeypatch, rank0_wrote=False)
+    with pytest.raises(OSError, match=r"rank 0 did not write the cache"):
+        other.save_cache(path)
+    _as_other_rank(other, monkeypatch, rank0_wrote=True)
+    assert other.save_cache(path) == path

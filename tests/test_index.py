@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from integrations_helpers import char_tokenizer, random_texts, tiny_gpt2
+from integrations_helpers import char_tokenizer, random_texts, text_datasets, tiny_bert, tiny_gpt2
+from torch.utils.data import DataLoader
 
 import hf_attrib.index.builder as builder
 from hf_attrib.hub.errors import HubIntegrityError
@@ -15,6 +16,7 @@ from hf_attrib.index import Index, build
 from hf_attrib.index.format import BUILD_DIR, INDEX_FILE, mmap_tensor, shard_file
 from hf_attrib.index.hub import shards_for_rows
 from hf_attrib.integrations.transformers import task_from_pretrained
+from hf_attrib.loaders import SubsetSampler
 
 FACTORED = {"proj_type": "factored", "proj_dim": 128}
 
@@ -189,3 +191,181 @@ def test_open_without_a_task_needs_a_recorded_model(tmp_path, data):
           shard_rows=8, batch_size=4)  # a model built from a config: no Hub id
     with pytest.raises(ValueError, match="does not record a loadable model"):
         Index.open(tmp_path / "i")
+
+
+# --------------------------------------------------------------------------------------------
+# Review fixes: resumed builds, confinement, changed shards, rows, subsets, TRAK's Q
+# --------------------------------------------------------------------------------------------
+def _examples(task, train, **kwargs) -> tuple[list, object]:
+    """The task's collated-to-be examples as a plain list (a dataset without a fingerprint)."""
+    hf = task.dataloader(train, batch_size=4, **kwargs)
+    return [hf.dataset[i] for i in range(len(hf.dataset))], hf.collate_fn
+
+
+def test_resumed_build_recomputes_shards_whose_inputs_changed(tmp_path, data, monkeypatch):
+    """A plain DataLoader (no fingerprint) whose shard-1 examples are tokenised with another
+    max_length, same size and ids: the rerun recomputes shard 1 only, and the index equals a
+    fresh build on the new inputs (before: the old shard was reused, old and new mixed)."""
+    train, test = data
+    task = _task()
+    att = task.attributor("grad-dot", projector_kwargs=FACTORED)
+    full, collate = _examples(task, train)
+    short, _ = _examples(task, train, max_length=5)
+    mixed = full[:8] + short[8:16] + full[16:]
+    assert all(len(a["input_ids"]) > len(b["input_ids"]) for a, b in zip(full, short))
+    build(att, DataLoader(full, batch_size=4, collate_fn=collate), out=tmp_path / "i",
+          shard_rows=8)
+    real, calls = builder.featurize_shard, []
+    monkeypatch.setattr(builder, "featurize_shard",
+                        lambda a, loader, idx: calls.append(idx[0]) or real(a, loader, idx))
+    loader = DataLoader(mixed, batch_size=4, collate_fn=collate)
+    result = build(att, loader, out=tmp_path / "i", shard_rows=8)
+    assert result.computed == [1] and result.skipped == [0, 2] and calls == [8]
+    build(att, loader, out=tmp_path / "fresh", shard_rows=8)
+    a = Index.open(tmp_path / "i", task=att).scores(test)
+    assert torch.equal(a, Index.open(tmp_path / "fresh", task=att).scores(test))
+
+
+def test_dataloader_settings_are_in_the_plan_and_used_for_queries(tmp_path, data):
+    train, test = data
+    task = _task()
+    att = task.attributor("grad-dot", projector_kwargs=FACTORED)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4,
+          dataloader_kwargs={"max_length": 5})
+    meta = json.loads((tmp_path / "i" / INDEX_FILE).read_text())["attribution_index"]
+    assert meta["features"]["dataloader"] == {"batch_size": 4, "kwargs": {"max_length": 5}}
+    ref = att.attribute(task.dataloader(train, batch_size=4, max_length=5),
+                        task.dataloader(test, batch_size=4, max_length=5))
+    scores = Index.open(tmp_path / "i", task=att).scores(test)
+    assert (scores - ref).abs().max() <= 2e-3 * ref.abs().max()
+    with pytest.raises(ValueError, match=r"holds a build of another index.*dataloader"):
+        build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4,
+              dataloader_kwargs={"max_length": 7})
+
+
+def test_resumed_build_hashes_each_file_once(tmp_path, data, monkeypatch):
+    """Rerun of a finished build: each shard and kernel file is hashed once (receipt check),
+    not again for the merge."""
+    from collections import Counter
+
+    train, _ = data
+    att = _task().attributor("trak", projector_kwargs=FACTORED)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    hashed: Counter = Counter()
+    real = builder.sha256_file
+    monkeypatch.setattr(builder, "sha256_file", lambda p: hashed.update([str(p)]) or real(p))
+    result = build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    assert result.skipped == [0, 1, 2] and result.complete
+    assert sum("features/shard" in p for p in hashed) == 3
+    assert sum("kernel-" in p for p in hashed) == 3
+    assert max(hashed.values()) == 1, hashed
+
+
+def test_receipts_cannot_name_files_outside_their_place(tmp_path, data):
+    """A receipt naming a file elsewhere (a valid copy outside the folder), or a kernel
+    replaced by a symlink out of the folder, is not trusted: the shard is recomputed."""
+    train, _ = data
+    att = _task().attributor("trak", projector_kwargs=FACTORED)
+    out = tmp_path / "i"
+    build(att, train, out=out, shard_rows=8, batch_size=4)
+    (tmp_path / "evil.safetensors").write_bytes((out / shard_file(0, 3)).read_bytes())
+    receipt_path = out / BUILD_DIR / "shard-00000.json"
+    receipt = json.loads(receipt_path.read_text())
+    receipt["shard"]["file"] = "../evil.safetensors"
+    receipt_path.write_text(json.dumps(receipt))
+    kernel = out / BUILD_DIR / "kernel-00001.safetensors"
+    (tmp_path / "k1.safetensors").write_bytes(kernel.read_bytes())
+    kernel.unlink()
+    kernel.symlink_to(tmp_path / "k1.safetensors")
+    result = build(att, train, out=out, shard_rows=8, batch_size=4)
+    assert result.computed == [0, 1] and result.complete
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert not any(".." in name for name in index["files"])
+    assert not kernel.is_symlink()
+
+
+def test_a_shard_changed_after_it_was_verified_is_refused(tmp_path, data):
+    import os
+
+    train, test = data
+    att = _task().attributor("grad-dot", projector_kwargs=FACTORED)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    index = Index.open(tmp_path / "i", task=att)
+    before = index.scores(test)  # every shard hash-checked here
+    path = tmp_path / "i" / shard_file(1, 3)
+    data_bytes = bytearray(path.read_bytes())
+    data_bytes[-8:] = b"\x00\x3c" * 4  # same size, other features
+    path.write_bytes(bytes(data_bytes))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(HubIntegrityError, match="changed on disk after its sha256 was checked"):
+        index.scores(test)
+    assert index.scores(test, rows="0:8").shape == before[:8].shape  # other shards still read
+
+
+def test_open_with_rows_makes_them_the_default(tmp_path, data):
+    train, test = data
+    att = _task().attributor("grad-dot", projector_kwargs=FACTORED)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    (tmp_path / "i" / shard_file(2, 3)).unlink()  # as after a pull of rows 8:16
+    index = Index.open(tmp_path / "i", task=att, rows="8:16")
+    assert index.rows == range(8, 16)
+    got = index.query(test, top_k=3)
+    assert got.rows.min() >= 8 and got.rows.max() < 16
+    whole = Index.open(tmp_path / "i", task=att)
+    assert torch.equal(index.scores(test), whole.scores(test, rows="8:16"))
+    assert index.example_ids().tolist() == list(range(8, 16))
+
+
+def test_index_of_a_subset_accepts_the_whole_dataset_for_texts(tmp_path, data):
+    """Rows 0..11 of the index are dataset examples 4..15: the dataset given for texts is the
+    whole one (22 examples), not one of 12."""
+    train, test = data
+    task = _task()
+    att = task.attributor("grad-dot", projector_kwargs=FACTORED)
+    examples, collate = _examples(task, train)
+    subset = DataLoader(examples, batch_size=4, sampler=SubsetSampler(range(4, 16)),
+                        collate_fn=collate)
+    build(att, subset, out=tmp_path / "i", shard_rows=8, text_column="text")
+    meta = json.loads((tmp_path / "i" / INDEX_FILE).read_text())["attribution_index"]
+    assert meta["dataset"]["num_rows"] == 12 and meta["dataset"]["num_examples"] == 22
+    index = Index.open(tmp_path / "i", task=att, dataset=train)
+    got = index.query(test, top_k=3)
+    ref = att.attribute(subset, task.dataloader(test, batch_size=4))
+    assert torch.equal(got.example_ids, ref.topk(3, dim=0).indices.T + 4)
+    assert got.texts == [[train[int(i)]["text"] for i in row] for row in got.example_ids]
+    with pytest.raises(ValueError, match=r"is not the one indexed \(22 rows"):
+        Index.open(tmp_path / "i", task=att, dataset=train.select(range(12)))
+
+
+def test_trak_on_a_classifier_stores_its_per_example_factor(tmp_path):
+    """TRAK on a sequence classifier weights each training example by 1 - p(correct): the
+    index stores the factor and its scores equal attribute()'s (float32 storage) to 1e-5."""
+    train, test = text_datasets(n_train=10, labels=True)
+    task = task_from_pretrained(tiny_bert(), "sequence-classification",
+                                processor=char_tokenizer())
+    att = task.attributor("trak", projector_kwargs=FACTORED)
+    assert att.has_row_factors
+    ref = att.attribute(task.dataloader(train, batch_size=4), task.dataloader(test, batch_size=4))
+    build(att, train, out=tmp_path / "i", dtype="float32", shard_rows=4, batch_size=4)
+    factor = torch.cat([mmap_tensor(tmp_path / "i" / shard_file(s, 3), "row_factor")
+                        for s in range(3)])
+    assert factor.shape == (10,) and bool(((factor > 0) & (factor < 1)).all())
+    assert float(factor.std()) > 0  # the factor matters: the scores are not a plain rescaling
+    for opened in (Index.open(tmp_path / "i", task=att), Index.open(tmp_path / "i", task=task)):
+        scores = opened.scores(test)
+        assert (scores - ref).abs().max() <= 1e-5 * ref.abs().max()
+    without = task.attributor("trak", projector_kwargs=FACTORED, correct_probability_func=None)
+    with pytest.raises(ValueError, match="row_factor"):
+        Index.open(tmp_path / "i", task=without)
+
+
+def test_query_featurizing_errors_name_the_query(tmp_path, data):
+    train, _ = data
+    att = _task().attributor("grad-dot", projector_kwargs=FACTORED)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    index = Index.open(tmp_path / "i", task=att)
+    ids = torch.full((5,), 10_000)  # token ids outside the vocabulary: the model raises
+    bad = DataLoader([{"input_ids": ids, "labels": ids}] * 2, batch_size=2)
+    with pytest.raises(ValueError, match="the query loader's first batch"):
+        index.query(bad, top_k=1)

@@ -66,6 +66,13 @@ def test_push_pull_round_trip_gives_identical_top_k(local_hub, built, tmp_path):
     got = Index.open(part, task=att).query(queries, top_k=2, rows="4:12")
     ref = Index.open(folder, task=att).query(queries, top_k=2, rows="4:12")
     assert torch.equal(got.example_ids, ref.example_ids)
+    # Opened from the repo with rows: only their shards pulled, and the default rows of
+    # later queries (not all rows, whose shards are absent).
+    opened = Index.open("demo/tiny-index", task=att, rows="5:9", endpoint=local_hub.endpoint,
+                        cache_dir=tmp_path / "cache")
+    got = opened.query(queries, top_k=2)
+    ref = Index.open(folder, task=att).query(queries, top_k=2, rows="5:9")
+    assert torch.equal(got.example_ids, ref.example_ids) and got.rows.min() >= 5
 
 
 def test_interrupted_push_resumes_without_sending_committed_files(local_hub, built,

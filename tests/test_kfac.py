@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hf_attrib import AttributionTask
 from hf_attrib.algorithm import IFAttributorEKFAC, IFAttributorKFAC, make_attributor
+from hf_attrib.algorithm.cache_store import CacheIntegrityError
 from hf_attrib.func.kfac import KroneckerFactors
 from hf_attrib.func.layer_grads import LayerGradients
 from hf_attrib.func.utils import per_sample_grad
@@ -293,17 +294,21 @@ def test_true_fisher_uses_seeded_sampled_labels():
     model = task.model
     drawn = []
 
+    checks = []
+
     def sampled(params, batch, generator):
         logits = torch.func.functional_call(model, params, (batch[0],))
         labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1,
                                    generator=generator)[:, 0]
-        drawn.append(labels)
+        # the seed check calls it without gradients, twice, on the first batch
+        (drawn if torch.is_grad_enabled() else checks).append(labels)
         return F.cross_entropy(logits, labels)
 
     attributor = IFAttributorEKFAC(task, sampled_loss_func=sampled, fisher_seed=5)
     attributor.cache(train)
     batches = len(train)
     assert len(drawn) == 2 * batches  # factor pass + eigenvalue pass, same seeds
+    assert len(checks) == 2 and torch.equal(checks[0], drawn[0])
     labels = torch.cat(drawn[:batches])
     torch.testing.assert_close(labels, torch.cat(drawn[batches:]))
     assert not torch.equal(labels, tr[1])  # really sampled, not the training labels
@@ -317,6 +322,46 @@ def test_true_fisher_uses_seeded_sampled_labels():
         e = attributor._states[0][attributor._rotation.slices[name]]
         torch.testing.assert_close(e, torch.diagonal(q.T @ fisher[sl, sl] @ q), rtol=1e-4,
                                    atol=1e-9)
+
+
+def test_sampled_loss_drawing_from_the_global_rng_is_refused():
+    task, train, *_ = _mlp_problem()
+    model = task.model
+
+    def global_rng(params, batch, generator):  # ignores the generator it is passed
+        logits = torch.func.functional_call(model, params, (batch[0],))
+        labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1)[:, 0]
+        return F.cross_entropy(logits, labels)
+
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"same seed \(checkpoint 0\): it must draw every "
+                                         r"label with the generator it is passed.*"
+                                         r"fisher='empirical'"):
+        IFAttributorEKFAC(task, sampled_loss_func=global_rng).cache(train)
+
+
+def test_sampled_loss_gets_the_checkpoints_fixed_parameters():
+    """The fixed (unselected) parameters come from the functions' checkpoint, merged as
+    task.functions merges them, not from whatever checkpoint the model holds now."""
+    task, _, _, tr, _ = _mlp_problem()
+    model = task.model
+    second = {k: v.clone() for k, v in model.state_dict().items()}
+    second["0.weight"] += 1.0  # differs only outside the selected layer
+    task = AttributionTask(task.loss_func, model, [model.state_dict(), second])
+    seen = []
+
+    def sampled(params, batch, generator):  # the true labels: a deterministic "sample"
+        seen.append(params["0.weight"].clone())
+        return F.cross_entropy(torch.func.functional_call(model, params, (batch[0],)),
+                               batch[1])
+
+    attributor = IFAttributorEKFAC(task, sampled_loss_func=sampled, layer_name="2")
+    fns = task.functions(0, "2")
+    expected = fns.loss(fns.theta, (tr[0][:7], tr[1][:7]))
+    task.load_checkpoint(1)  # the model now holds checkpoint 1
+    got = attributor._fisher_loss(fns, (tr[0][:7], tr[1][:7]), 0)()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(seen[-1], task.checkpoints[0]["0.weight"], rtol=0, atol=0)
 
 
 def test_true_fisher_without_a_sampled_loss_says_what_to_pass():
@@ -381,6 +426,57 @@ def test_save_load_scores_identically_without_refitting(cls, tmp_path, monkeypat
     other = IFAttributorKFAC if cls is IFAttributorEKFAC else IFAttributorEKFAC
     with pytest.raises(ValueError, match="not built for this attributor"):
         other(task, fisher="empirical").load_cache(tmp_path / "c")
+
+
+def test_missing_eigenbasis_in_a_cache_is_refused(tmp_path, monkeypatch):
+    """A side's eigenbasis absent from a cache is not the identity: refused by name."""
+    task, train, *_ = _mlp_problem()
+    first = IFAttributorEKFAC(task, fisher="empirical")
+    first.cache(train)
+    state_tensors = IFAttributorEKFAC._state_tensors
+
+    def without_one(self, index, state):
+        tensors = state_tensors(self, index, state)
+        del tensors["basis/2.weight/1"]
+        return tensors
+
+    monkeypatch.setattr(IFAttributorEKFAC, "_state_tensors", without_one)
+    first.save_cache(tmp_path / "c")
+    with pytest.raises(CacheIntegrityError, match=r"eigenbasis of 2.weight \(columns side\) is "
+                                                  r"missing, not a 3 x 3 matrix"):
+        IFAttributorEKFAC(task, fisher="empirical").load_cache(tmp_path / "c")
+
+
+class _Tokens(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 3)
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.lin(torch.tanh(self.emb(ids).mean(1)))
+
+
+def test_embedding_cache_round_trips_without_its_identity_basis(tmp_path):
+    """An embedding's one-hot rows side has no basis (the identity): none is required."""
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 7, (12, 3), generator=g), torch.randint(0, 2, (12,), generator=g)
+
+    def loss(params, batch):
+        return F.cross_entropy(torch.func.functional_call(model, params, (batch[0],)), batch[1])
+
+    task = AttributionTask(loss, model, model.state_dict())
+    train = DataLoader(TensorDataset(ids, y), batch_size=5)
+    test = DataLoader(TensorDataset(ids[:3], y[:3]), batch_size=3)
+    first = IFAttributorEKFAC(task, fisher="empirical")
+    scores = first.attribute(train, test)
+    first.save_cache(tmp_path / "c")
+    assert first._rotation.bases(0)[("emb.weight", 0)] is None
+    second = IFAttributorEKFAC(task, fisher="empirical")
+    second.load_cache(tmp_path / "c")
+    torch.testing.assert_close(second.attribute(train, test), scores, rtol=0, atol=0)
 
 
 # -- the true Fisher of transformers tasks -----------------------------------------------------

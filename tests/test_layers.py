@@ -2,8 +2,8 @@
 across modules, and a light, flat ``import hf_attrib``.
 
 Layers (lowest first); a module may import from its own layer or a lower one:
-``func``, ``metrics``, ``model_utils``, ``distributed``, ``loaders`` < ``task`` < ``algorithm`` <
-``benchmark``, ``integrations`` < ``hub`` < ``index`` < ``cli``.
+``func``, ``metrics``, ``model_utils``, ``distributed``, ``loaders``, ``files`` < ``task`` <
+``algorithm`` < ``benchmark``, ``integrations`` < ``hub`` < ``index`` < ``cli``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import hf_attrib
 PACKAGE = Path(hf_attrib.__file__).parent
 
 LAYERS = {
-    "func": 0, "metrics": 0, "model_utils": 0, "distributed": 0, "loaders": 0,
+    "func": 0, "metrics": 0, "model_utils": 0, "distributed": 0, "loaders": 0, "files": 0,
     "task": 1,
     "algorithm": 2,
     "benchmark": 3, "integrations": 3,

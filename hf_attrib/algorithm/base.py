@@ -17,6 +17,7 @@ train side is kept in memory only when it fits ``max_cache_bytes``, and scores a
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,10 +40,10 @@ from hf_attrib.algorithm.cache_store import (
     write_cache,
 )
 from hf_attrib.algorithm.factored import FactoredFeatures, factored_options
-from hf_attrib.distributed import gather_rows, rank_and_world, shard_range
+from hf_attrib.distributed import all_reduce_sum, gather_rows, rank_and_world, shard_range
 from hf_attrib.func.projection import Projector, make_projector, projector_options
 from hf_attrib.func.utils import batch_size_of, describe_batch, slice_batch
-from hf_attrib.loaders import check_loader, count_examples, loader_indices
+from hf_attrib.loaders import check_loader, count_examples, loader_fingerprint, loader_indices
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
 # check_loader, count_examples, loader_indices: at home in hf_attrib.loaders, re-exported here
@@ -59,6 +60,8 @@ __all__ = [
 
 # Per-example gradients held at once before projection: chunk * d floats stay under this.
 _GRAD_CHUNK_BYTES = 256 * 2**20
+# A sha256 in hex (the manifest's train_fingerprint).
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 # Training examples whose self-influence is solved together (train + test features, float32).
 _SELF_GROUP_BYTES = 256 * 2**20
 
@@ -126,6 +129,9 @@ class BaseAttributor(ABC):
         # to it (see _check_loaded_count); None when no loaded cache waits for one.
         self._loaded_n: int | None = None
         self._loaded_from: Path | None = None
+        # The loaded cache's training-set fingerprint (loaders.loader_fingerprint's sha256).
+        self._loaded_fingerprint: str | None = None
+        self._cache_loader: DataLoader | None = None  # the loader cache() was given
 
     # -- public API ------------------------------------------------------------------------
     @abstractmethod
@@ -179,7 +185,7 @@ class BaseAttributor(ABC):
         pays nothing.
         """
         where = "first batch" if offset == 0 else f"batch starting at example {offset}"
-        like = ", as the train loader's do" if role == "test" else ""
+        like = ", as the train loader's do" if role in ("test", "query") else ""
         return ValueError(
             f"the {role} loader's {where} (structure: {describe_batch(batch)}) does not fit "
             f"{func}, which raised {type(err).__name__}: {err}. Give the {role} loader batches "
@@ -204,7 +210,11 @@ class BaseAttributor(ABC):
         ``self_attribute`` do not recompute the training set. The write is atomic: an earlier
         cache at ``path`` is replaced only once the new one is complete. The format is
         described in ``hf_attrib.algorithm.cache_store``. With several processes, rank 0
-        writes and the others wait for it.
+        writes and the others wait for it (and raise if it failed).
+
+        The manifest records a fingerprint of the training set (``loaders.loader_fingerprint``:
+        a sha256 over every batch of the train loader, in order), computed here with one pass
+        over the loader given to ``cache`` (data loading only, no model call).
 
         Args:
             path: the cache folder (created; if it exists it must be an hf_attrib cache,
@@ -214,23 +224,42 @@ class BaseAttributor(ABC):
             The folder's path.
 
         Raises:
-            ValueError: nothing is cached yet (call ``cache(train_loader)`` first), or
-                ``path`` exists and holds something else.
+            ValueError: nothing is cached yet (call ``cache(train_loader)`` first),
+                ``path`` exists and holds something else, or the train loader given to
+                ``cache`` now yields another number of examples.
+            OSError: (other processes) rank 0 failed to write the cache.
         """
         tensors, manifest = self._cache_contents()
         manifest = {**manifest, "identity": self._cache_identity()}
         path = Path(path)
         rank, world = self._world()
         if world == 1:
-            return write_cache(path, tensors, manifest)
+            return write_cache(path, tensors, self._with_fingerprint(manifest))
+        written = torch.zeros(1, device=self.device)
         try:
             if rank == 0:
-                write_cache(path, tensors, manifest)
+                write_cache(path, tensors, self._with_fingerprint(manifest))
+                written += 1
         finally:  # reached by rank 0 even when its write fails: nobody waits forever
-            torch.distributed.barrier()
-        if not (path / "cache.json").is_file():
+            # rank 0's outcome, not the folder's state, decides (an earlier cache may be there)
+            written = all_reduce_sum(written)
+        if rank != 0 and float(written) != 1:
             raise OSError(f"rank 0 did not write the cache to {path} (see its error).")
         return path
+
+    def _with_fingerprint(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """``manifest`` with the training set's fingerprint (see ``save_cache``)."""
+        if self._cache_loader is None:  # restored by load_cache, no train loader bound yet
+            if self._loaded_fingerprint is None:
+                raise ValueError(f"{type(self).__name__} has nothing cached to save: call "
+                                 "cache(train_loader) (or attribute) first.")
+            return {**manifest, "train_fingerprint": self._loaded_fingerprint}
+        # Computed at every save, never remembered: the loader's data may have changed since
+        # an earlier save, and a stale fingerprint would vouch for the wrong rows.
+        count, sha = loader_fingerprint(self._cache_loader)
+        if count != manifest.get("num_train"):
+            _changed_pass("train", str(count), manifest.get("num_train"))
+        return {**manifest, "train_fingerprint": sha}
 
     def load_cache(self, path: str | PathLike) -> None:
         """Restore a cache written by ``save_cache``, instead of calling ``cache``.
@@ -238,12 +267,13 @@ class BaseAttributor(ABC):
         Every file is checked against the sha256 in ``cache.json``, and the cache against this
         attributor: its method, the options that change the cached results (projection and its
         seed, regularisation baked into a kernel inverse, ...), the selected parameters and
-        their shapes, and a sha256 of every checkpoint's weights. The next ``attribute`` or
-        ``self_attribute`` call takes its train loader as the cached training set when it
-        yields the cached number of examples (counted without loading data where possible),
-        and computes no training gradient for it. Checkpoints whose features were not kept
-        (``max_cache_bytes``, at save or here) have them recomputed when used, as after
-        ``cache``.
+        their shapes, a sha256 of every checkpoint's weights, and the task's kind and target
+        (tasks of ``hf_attrib.integrations``). The next ``attribute`` or ``self_attribute``
+        call takes its train loader as the cached training set when it yields the very
+        batches the cache was built on (same fingerprint: ``loaders.loader_fingerprint``, one
+        pass loading the data), and computes no training gradient for it. Checkpoints whose
+        features were not kept (``max_cache_bytes``, at save or here) have them recomputed when
+        used, as after ``cache``.
 
         Args:
             path: a folder written by ``save_cache``.
@@ -253,7 +283,8 @@ class BaseAttributor(ABC):
             CacheIntegrityError: (a ``ValueError``) a file is corrupted, edited, missing or
                 outside the folder.
             ValueError: the cache was built for another method, options, layers or weights
-                (the message says what differs).
+                (the message says what differs). A train loader other than the cache's is
+                refused by the next ``attribute``/``self_attribute`` (``ValueError``).
         """
         reader = read_cache(path)
         differences = describe_differences(reader.manifest.get("identity") or {},
@@ -267,9 +298,17 @@ class BaseAttributor(ABC):
         if type(n) is not int or n <= 0:
             raise CacheIntegrityError(f"cache.json in {path} has no valid num_train; rebuild "
                                       "the cache with cache(train_loader) and save_cache.")
+        fingerprint = reader.manifest.get("train_fingerprint")
+        if not isinstance(fingerprint, str) or not _HEX64.fullmatch(fingerprint):
+            raise CacheIntegrityError(
+                f"cache.json in {path} has no valid train_fingerprint (the sha256 of the "
+                "training set it was built on; caches written before hf_attrib recorded it "
+                "lack it), so the train loader cannot be checked against it: rebuild the cache "
+                "with cache(train_loader) and save_cache.")
         self._loaded_n = None
         self._restore_cache(reader)
         self._loaded_n, self._loaded_from = n, reader.path
+        self._loaded_fingerprint = fingerprint
 
     def cache_identity(self) -> dict[str, Any]:
         """What a saved cache or index (``hf_attrib.index``) must match to be used by this
@@ -288,7 +327,7 @@ class BaseAttributor(ABC):
         return jsonable({
             "method": type(self).__name__,
             "parameters": selected,
-            "options": self._cache_options(),
+            "options": {**self._cache_options(), **self._task_options()},
             "num_checkpoints": self.task.num_checkpoints,
             "weights_sha256": fingerprints,
             "projectors": self._projector_descriptions(),
@@ -298,6 +337,16 @@ class BaseAttributor(ABC):
         """Options that change what ``cache`` computes: a saved cache whose options differ is
         refused by ``load_cache``. Options applied only when scoring are left out."""
         return {}
+
+    def _task_options(self) -> dict[str, Any]:
+        """The task's own options that change its loss and target, where it has them (an
+        ``integrations`` task: its kind, e.g. ``causal-lm``, and ``target``); a plain
+        ``AttributionTask``'s functions are the user's and cannot be fingerprinted."""
+        kind = getattr(self.task, "task_kind", None)
+        if kind is None:
+            return {}
+        return {"task_kind": kind,
+                "task_target": "loss" if self.task.target_is_loss else "default"}
 
     def _projector_descriptions(self) -> list[Any] | None:
         """The resolved projection of each checkpoint (``None``: nothing to compare)."""
@@ -313,14 +362,25 @@ class BaseAttributor(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not support load_cache.")
 
     def _check_loaded_count(self, loader: DataLoader) -> None:
-        """Refuse a train loader whose number of examples is not the loaded cache's."""
+        """Refuse a train loader that is not the loaded cache's training set: another number
+        of examples, or other batches (``loaders.loader_fingerprint``: other data, order or
+        batching), whose rows the cached features would silently be credited to."""
         check_loader(loader, "train")
-        got = count_examples(loader)
+        got, sha = loader_fingerprint(loader)
         if got != self._loaded_n:
             raise ValueError(
                 f"the train loader yields {got} examples, but the cache loaded from "
                 f"{self._loaded_from} was built on {self._loaded_n}: pass the training loader "
                 "the cache was built with, or call cache(train_loader) to build a new one.")
+        if sha != self._loaded_fingerprint:
+            raise ValueError(
+                f"the train loader's batches differ from those the cache loaded from "
+                f"{self._loaded_from} was built on (training-set sha256 {sha[:12]}..., the "
+                f"cache's {str(self._loaded_fingerprint)[:12]}...): other examples, the same in "
+                "another order, or another batching; the cached features would be credited to "
+                "the wrong rows. Pass the training loader the cache was built with (same data, "
+                "order, batch_size and collate_fn), or call cache(train_loader) to build a new "
+                "one.")
 
 
 #: The type every attributor is (``cache``, ``attribute``, ``self_attribute``).
@@ -599,8 +659,8 @@ class FeatureAttributor(BaseAttributor):
         return None
 
     # -- public API --------------------------------------------------------------------------
-    def featurize(self, loader: DataLoader, checkpoint: int = 0, kind: str | None = None
-                  ) -> Iterator[tuple[int, Tensor]]:
+    def featurize(self, loader: DataLoader, checkpoint: int = 0, kind: str | None = None,
+                  role: str = "train") -> Iterator[tuple[int, Tensor]]:
         """Stream ``(offset, features [B, width])`` of every batch of ``loader``, nothing kept.
 
         The features are those ``cache`` stores for training examples (``kind=None``: the
@@ -611,13 +671,33 @@ class FeatureAttributor(BaseAttributor):
             loader: the examples (unshuffled).
             checkpoint: which checkpoint's gradients.
             kind: ``"loss"``, ``"target"`` or ``None`` (``self.train_kind``).
+            role: what the loader is, in error messages (``"train"``, ``"query"``...).
         """
         kind = self.train_kind if kind is None else kind
         if kind not in ("loss", "target"):
             raise ValueError(f"kind must be 'loss', 'target' or None, got {kind!r}.")
         fns = self.task.functions(checkpoint, self.layer_name)
-        for offset, batch in self._batches(loader, "train", f"features (ckpt {checkpoint})"):
-            yield offset, self._features(fns, batch, kind, offset, "train")
+        for offset, batch in self._batches(loader, role, f"features (ckpt {checkpoint})"):
+            yield offset, self._features(fns, batch, kind, offset, role)
+
+    @property
+    def has_row_factors(self) -> bool:
+        """Whether each training example's scores are multiplied by a factor (TRAK's
+        ``1 - p(correct)``), which ``row_factors`` streams."""
+        return self._uses_row_factor
+
+    def row_factors(self, loader: DataLoader, checkpoint: int = 0
+                    ) -> Iterator[tuple[int, Tensor]]:
+        """Stream ``(offset, factor [B])``: checkpoint ``checkpoint``'s per-example factor of
+        every batch of the training ``loader`` (``attribute`` multiplies each row of scores by
+        its mean over checkpoints); nothing when ``has_row_factors`` is false."""
+        if not self._uses_row_factor:
+            return
+        fns = self.task.functions(checkpoint, self.layer_name)
+        for offset, batch in self._batches(loader, "train", f"row factors (ckpt {checkpoint})"):
+            factor = self._row_factor(fns, batch)
+            assert factor is not None
+            yield offset, factor
 
     def cache(self, train_loader: DataLoader) -> None:
         """Compute (and keep, memory permitting) training features and per-checkpoint state.

@@ -24,7 +24,14 @@ the folder (``..``, an absolute path, a symbolic link leading out), and a manife
 unknown format. Writing (:func:`write_cache`) is atomic: the folder is written under a
 temporary name in the same parent, every file is fsynced, and only then is an existing cache
 replaced (renamed away, the new one renamed in, the old one deleted); on any error the old
-cache is left as it was. An existing folder that is not an hf_attrib cache is never replaced.
+cache is left as it was, and a process killed between the two renames leaves the old cache
+renamed aside, which the next read or write renames back (``hf_attrib.files``). An existing
+folder that is not an hf_attrib cache is never replaced. A split tensor whose recorded pieces
+do not cover all its rows is refused.
+
+The manifest also records ``train_fingerprint``, a sha256 over the training loader's batches
+(``hf_attrib.loaders.loader_fingerprint``): a loaded cache is only used with a train loader of
+the same fingerprint (``BaseAttributor.load_cache``).
 """
 
 from __future__ import annotations
@@ -36,7 +43,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,15 @@ import torch
 from torch import Tensor, nn
 
 from hf_attrib import __version__
+from hf_attrib.files import (
+    file_matches,
+    fsync_dir,
+    leftover_folders,
+    replace_folder,
+    resolved_inside,
+    restore_replaced_folder,
+    sha256_file,
+)
 from hf_attrib.model_utils.block_store import tensor_bytes
 
 __all__ = [
@@ -152,16 +167,36 @@ def describe_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
         out.append(f"the number of checkpoints: cache {saved.get('num_checkpoints')}, this "
                    f"task {current.get('num_checkpoints')}")
     else:
-        for i, (s, c) in enumerate(zip(saved.get("weights_sha256") or [],
-                                       current.get("weights_sha256") or [], strict=False)):
-            if s != c:
-                out.append(f"checkpoint {i}'s weights (sha256 {str(s)[:12]}... in the cache, "
-                           f"{str(c)[:12]}... in this task)")
+        out += _weights_differences(saved.get("weights_sha256"),
+                                    current.get("weights_sha256"))
         s_proj, c_proj = saved.get("projectors"), current.get("projectors")
         if s_proj != c_proj:
             out.append(f"the projection: cache {s_proj}, this attributor {c_proj} (a projector "
                        "resolved on another device, e.g. proj_type='auto' is sparse on a CPU "
                        "and dense on a GPU: pass proj_type explicitly)")
+    known = {"method", "parameters", "options", "num_checkpoints", "weights_sha256",
+             "projectors"}
+    for key in sorted((set(saved) | set(current)) - known):  # a newer identity's entries
+        if saved.get(key, "<unset>") != current.get(key, "<unset>"):
+            out.append(f"{key}: cache {saved.get(key, '<unset>')!r}, this attributor "
+                       f"{current.get(key, '<unset>')!r}")
+    return out
+
+
+def _weights_differences(saved: Any, current: Any) -> list[str]:
+    """The checkpoints whose weights sha256 differ, the two lists compared whole (a missing
+    or shorter list is a difference, never a match)."""
+    if saved == current:
+        return []
+    if not isinstance(saved, list) or not isinstance(current, list):
+        return [f"the checkpoints' weights sha256 (cache {saved!r}, this task {current!r})"]
+    out = []
+    for i in range(max(len(saved), len(current))):
+        s = saved[i] if i < len(saved) else "<none>"
+        c = current[i] if i < len(current) else "<none>"
+        if s != c:
+            out.append(f"checkpoint {i}'s weights (sha256 {str(s)[:12]}... in the cache, "
+                       f"{str(c)[:12]}... in this task)")
     return out
 
 
@@ -203,6 +238,7 @@ def write_cache(path: str | os.PathLike, tensors: Mapping[str, Tensor],
         ValueError: ``path`` exists and is not an hf_attrib cache folder (or is a file).
     """
     path = Path(path)
+    restore_replaced_folder(path)  # a save killed between its renames left the old cache aside
     _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
@@ -215,11 +251,13 @@ def write_cache(path: str | os.PathLike, tensors: Mapping[str, Tensor],
             json.dump(full, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _swap_in(tmp, path)
+        fsync_dir(tmp)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for stale in leftover_folders(path):  # earlier saves killed while deleting the old cache
+        shutil.rmtree(stale, ignore_errors=True)
     return path
 
 
@@ -291,50 +329,8 @@ def _write_tensors(folder: Path, tensors: Mapping[str, Tensor], max_bytes: int
         del content
         with open(target, "rb+") as f:
             os.fsync(f.fileno())
-        files[file_name] = {"sha256": _sha256_file(target), "size": target.stat().st_size}
+        files[file_name] = {"sha256": sha256_file(target), "size": target.stat().st_size}
     return layout, files
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a folder's entries (new files, renames) durable; a no-op where folders cannot be
-    opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename the finished folder ``tmp`` to ``path``, replacing an earlier cache there only
-    now (a folder cannot be renamed over a non-empty one: the old one is renamed away first,
-    and put back if the second rename fails)."""
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.rename(old, path)
-        raise
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +378,9 @@ class CacheReader:
                     out = piece.new_empty(entry["shape"])
                 out[row:row + part["rows"]] = piece
             row += part["rows"]
-        if out is None or list(out.shape) != entry["shape"]:
+        # Pieces that stop short of the last row would leave new_empty's uninitialised rows.
+        covered = row == (entry["shape"][0] if entry["shape"] else 1)
+        if out is None or list(out.shape) != entry["shape"] or not covered:
             raise CacheIntegrityError(
                 f"tensor {name!r} in {self.path}: its pieces do not make the shape "
                 f"{entry['shape']} that {MANIFEST_NAME} records. {_REBUILD}")
@@ -422,8 +420,12 @@ def read_cache(path: str | os.PathLike) -> CacheReader:
             its name leads outside the folder.
     """
     folder = Path(path)
+    restore_replaced_folder(folder)  # a save killed between its renames left it aside
     if not folder.is_dir():
-        raise FileNotFoundError(f"no cache folder at {folder}; write one with "
+        left = leftover_folders(folder)
+        hint = (f" ({len(left)} earlier caches were left aside by interrupted saves, e.g. "
+                f"{left[0].name}: rename the intact one to {folder.name})" if left else "")
+        raise FileNotFoundError(f"no cache folder at {folder}{hint}; write one with "
                                 "attributor.save_cache(folder) after cache(train_loader).")
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -478,17 +480,15 @@ def _check_manifest(manifest: Any, source: Path) -> None:
 def _verified(folder: Path, name: str, entry: Mapping[str, Any]) -> Path:
     """``folder / name``, refused unless it is a tensor file directly inside ``folder`` (after
     resolving symbolic links) whose size and sha256 are those recorded."""
-    root = folder.resolve()
-    target = (folder / name).resolve()
-    if (not _TENSOR_FILE.fullmatch(name) or Path(name).is_absolute()
-            or target.parent != root):
+    target = resolved_inside(folder, name) if _TENSOR_FILE.fullmatch(name) else None
+    if target is None or target.parent != folder.resolve():
         raise CacheIntegrityError(
             f"{MANIFEST_NAME} in {folder} names the file {name!r}, which is not a tensor file "
             "inside the cache folder (a path, '..', or a link leading out); a cache may only "
             f"name its own tensors-NNNNN-of-NNNNN.safetensors files. {_REBUILD}")
     if not target.is_file():
         raise CacheIntegrityError(f"cache file {name} is missing from {folder}. {_REBUILD}")
-    if target.stat().st_size != entry["size"] or _sha256_file(target) != entry["sha256"]:
+    if not file_matches(target, entry["size"], entry["sha256"]):
         raise CacheIntegrityError(
             f"cache file {name} ({target}) does not match the size/sha256 recorded in "
             f"{MANIFEST_NAME}: it was corrupted or edited after save_cache. {_REBUILD}")

@@ -24,8 +24,13 @@ Options:
   the training loss with each example's label drawn from the model (``torch.multinomial(...,
   generator=generator)``), a mean over the batch like ``loss_func``; batches are sampled with
   seeds fixed by ``(fisher_seed, checkpoint, batch offset)``, so results do not depend on the
-  number of processes. ``"empirical"``: the training loss with the true labels
-  (``loss_func``, nothing else needed).
+  number of processes. Checked on each process's first batch of every checkpoint: the same
+  seed must give the same value (labels drawn with ``generator``, not the global RNG). Not
+  checkable, because the labels are drawn inside the function: that the batch's value is the
+  mean of independent per-example losses (the engine's per-example factors assume it, as for
+  ``loss_func``, which the features' check covers); a sum over the batch, or a token mean
+  across it, scales or mixes the Fisher silently. ``"empirical"``: the training loss with the
+  true labels (``loss_func``, nothing else needed).
 * ``damping``: ``None`` (default): per block, ``damping_scale`` (0.1) times the mean of the
   block's eigenvalues (kronfluence's heuristic ``damping_factor=None``, applied per parameter
   block rather than per module, i.e. a bias is damped on its own scale); a float: that value
@@ -89,8 +94,10 @@ class _KFACBase(FeatureAttributor):
         device: where to compute (``None``: the model's device).
         fisher: ``"true"`` (sampled labels; needs ``sampled_loss_func``) or ``"empirical"``.
         sampled_loss_func: ``f(params, batch, generator) -> scalar``, the batch-mean training
-            loss with labels sampled from the model using ``generator``. ``None``: the task's
-            ``sampled_loss_func`` attribute, if it has one.
+            loss with labels sampled from the model using ``generator`` (every draw from it:
+            the same seed must give the same value), the mean of independent per-example
+            losses as ``loss_func`` is. ``None``: the task's ``sampled_loss_func`` attribute,
+            if it has one.
         fisher_seed: seed of the sampled labels.
         damping: one damping for every block, or ``None`` for the per-block heuristic.
         damping_scale: the heuristic's factor on each block's mean eigenvalue.
@@ -187,10 +194,31 @@ class _KFACBase(FeatureAttributor):
         digest = hashlib.sha256(f"{self.fisher_seed}/{fns.index}/{offset}".encode()).digest()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-        params = {n: p.detach() for n, p in self.task.model.named_parameters()}
-        params.update(unflatten_params(fns.theta, fns.layout))
+        # The merge task.functions binds into fns.loss: the fixed parameters of checkpoint
+        # fns.index (not whatever checkpoint the model holds now), the selected ones from theta.
+        model = self.task.load_checkpoint(fns.index)
+        fixed = {n: p.detach() for n, p in model.named_parameters() if n not in fns.layout}
+        params = {**fixed, **unflatten_params(fns.theta, fns.layout)}
         func = self.sampled_loss_func
         return lambda: func(params, batch, generator)
+
+    def _check_sampled_loss(self, fns: CheckpointFunctions, batch: Any, offset: int) -> None:
+        """The sampled loss must draw its labels from the generator it is passed: two calls
+        with the same seed give the same value (else the Fisher would depend on the global
+        RNG and on the number of processes)."""
+        with torch.no_grad():
+            first = self._fisher_loss(fns, batch, offset)().float()
+            second = self._fisher_loss(fns, batch, offset)().float()
+        # a tolerance for non-deterministic GPU reductions; other labels differ far more
+        if first.shape != second.shape or not torch.allclose(first, second, rtol=1e-4,
+                                                             atol=1e-7):
+            raise ValueError(
+                f"sampled_loss_func gave {first.flatten()[:1].tolist()} and "
+                f"{second.flatten()[:1].tolist()} on the same batch with generators of the same "
+                f"seed (checkpoint {fns.index}): it must draw every label with the generator "
+                "it is passed (torch.multinomial(probs, 1, generator=generator)), not the "
+                "global RNG, and return the batch mean of independent per-example losses, as "
+                "loss_func does. Fix it, or pass fisher='empirical'.")
 
     def _run(self, fns: CheckpointFunctions, batch: Any, offset: int,
              visit: Callable[[Block, Side, Side | None], None]) -> None:
@@ -205,18 +233,25 @@ class _KFACBase(FeatureAttributor):
 
     def _fit(self, fns: CheckpointFunctions, loader: DataLoader) -> dict[str, BlockEigen]:
         """Checkpoint ``fns.index``'s factors, summed over the processes, eigendecomposed."""
-        one_hot = {site.weight.name for site in self._layers.sites
-                   if site.kind == "embedding" and site.weight is not None}
-        one_hot -= {site.weight.name for site in self._layers.sites
-                    if site.kind != "embedding" and site.weight is not None}
-        factors = KroneckerFactors(self._layers.blocks.values(), one_hot, self.device)
+        factors = KroneckerFactors(self._layers.blocks.values(), self._one_hot_rows(),
+                                   self.device)
         desc = f"K-FAC factors (ckpt {fns.index})"
-        for offset, batch in self._batches(loader, "train", desc, shard=True):
+        for i, (offset, batch) in enumerate(self._batches(loader, "train", desc, shard=True)):
+            if i == 0 and self.sampled_loss_func is not None:
+                self._check_sampled_loss(fns, batch, offset)
             factors.start_batch(batch_size_of(batch))
             self._run(fns, batch, offset, factors.visit)
             factors.end_batch()
         factors.all_reduce()
         return factors.eigen()
+
+    def _one_hot_rows(self) -> set[str]:
+        """Weight blocks whose rows side is only ever an embedding's one-hot tokens: their
+        covariance is kept diagonal and their eigenbasis is the identity (no matrix)."""
+        one_hot = {site.weight.name for site in self._layers.sites
+                   if site.kind == "embedding" and site.weight is not None}
+        return one_hot - {site.weight.name for site in self._layers.sites
+                          if site.kind != "embedding" and site.weight is not None}
 
     def _cache_features(self, fns: CheckpointFunctions, loader: DataLoader) -> Tensor | None:
         # The eigenbasis first: the training features are the gradients rotated into it.
@@ -295,14 +330,23 @@ class _KFACBase(FeatureAttributor):
                 f"checkpoint {index}'s K-FAC eigenvalues are missing or of the wrong size; "
                 "rebuild the cache with cache(train_loader) and save_cache.")
         bases: dict[tuple[str, int], Tensor | None] = {}
+        one_hot = self._one_hot_rows()
         for block in self._rotation.blocks:
             sides = [(0, block.rows)] + ([(1, block.cols)] if block.is_matrix else [])
             for axis, dim in sides:
+                if axis == 0 and block.name in one_hot:
+                    # the identity: nothing saved (a tensor here is refused below)
+                    bases[(block.name, axis)] = None
+                    continue
                 basis = tensors.pop(f"basis/{block.name}/{axis}", None)
-                if basis is not None and basis.shape != (dim, dim):
+                if basis is None or basis.shape != (dim, dim):
+                    # a missing basis is not the identity: the features were rotated by one
+                    found = "missing" if basis is None else f"of shape {list(basis.shape)}"
                     raise CacheIntegrityError(
-                        f"checkpoint {index}'s K-FAC basis of {block.name} has shape "
-                        f"{list(basis.shape)}, not {[dim, dim]}; rebuild the cache.")
+                        f"checkpoint {index}'s K-FAC eigenbasis of {block.name} "
+                        f"({'rows' if axis == 0 else 'columns'} side) is {found}, not a "
+                        f"{dim} x {dim} matrix; rebuild the cache with cache(train_loader) and "
+                        "save_cache.")
                 bases[(block.name, axis)] = basis
         if tensors:
             raise CacheIntegrityError(f"checkpoint {index}'s K-FAC state holds unknown tensors "

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from hf_attrib.benchmark.settings import BenchmarkSetting, get_setting
+from hf_attrib.files import resolved_inside, sha256_file, snapshot_roots
 
 __all__ = [
     "CHECKSUMS_FILE",
@@ -170,24 +171,6 @@ def _split(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
 # --------------------------------------------------------------------------------------------
 # Checksums of the source folder
 # --------------------------------------------------------------------------------------------
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _allowed_roots(folder: Path) -> list[Path]:
-    """The folder, plus the ``blobs`` folder of its repo when ``folder`` is a snapshot in the
-    Hugging Face cache (``.../snapshots/<rev>``: its files are symlinks into ``blobs``)."""
-    roots = [folder.resolve()]
-    for snapshot in {folder.absolute(), roots[0]}:
-        if snapshot.parent.name == "snapshots" and (snapshot.parent.parent / "blobs").is_dir():
-            roots.append((snapshot.parent.parent / "blobs").resolve())
-    return roots
-
-
 def _listed_path(folder: Path, name: str, line: int) -> Path:
     """The resolved path of a file ``SHA256SUMS`` names, refused unless it lies in ``folder``."""
     where = f"{folder / CHECKSUMS_FILE}, line {line}"
@@ -196,10 +179,11 @@ def _listed_path(folder: Path, name: str, line: int) -> Path:
         raise DataIntegrityError(
             f"{where} names {name!r}, which is not a plain relative path inside {folder}; a "
             f"checksum list may only name files inside its folder: fix or remove that line.")
-    resolved = (folder / name).resolve()
-    if not any(resolved.is_relative_to(root) for root in _allowed_roots(folder)):
+    resolved = resolved_inside(folder, name, snapshot_roots(folder))
+    if resolved is None:
         raise DataIntegrityError(
-            f"{folder / name} (named by {where}) leads outside {folder} (to {resolved}): a "
+            f"{folder / name} (named by {where}) leads outside {folder} (to "
+            f"{(folder / name).resolve()}): a "
             "symlink points out of the folder; replace it with the file itself.")
     return resolved
 
@@ -267,7 +251,7 @@ def verify_checksums(folder: str | Path) -> list[str]:
         if not path.is_file():
             raise DataIntegrityError(f"{CHECKSUMS_FILE} of {folder} lists {name}, which is "
                                      f"missing; {fix}")
-        actual = _sha256_file(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise DataIntegrityError(
                 f"{folder / name} does not match {CHECKSUMS_FILE}: expected sha256 {expected}, "

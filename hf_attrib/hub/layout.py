@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hf_attrib.files import resolved_inside, sha256_file, snapshot_roots
 from hf_attrib.hub.errors import HubIntegrityError, HubNotFoundError, HubPathError
 
 if TYPE_CHECKING:
@@ -79,14 +79,6 @@ def shard_name(kind: str, index: int, count: int) -> str:
     return f"{kind}/shard-{index:05d}-of-{count:05d}.safetensors"
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_entry(path: str | Path) -> dict[str, Any]:
     """``{"sha256": ..., "size": ...}`` of a file (recorded in the index)."""
     return {"sha256": sha256_file(path), "size": Path(path).stat().st_size}
@@ -138,16 +130,6 @@ def check_relative(name: object, where: str = INDEX_FILE) -> str:
     return name
 
 
-def _allowed_roots(folder: Path) -> list[Path]:
-    """The repo folder, plus the ``blobs`` folder of its repo when ``folder`` is a snapshot of
-    the Hugging Face cache (``.../snapshots/<rev>``: its files are symlinks into ``blobs``)."""
-    roots = [folder.resolve()]
-    for snapshot in {folder.absolute(), roots[0]}:
-        if snapshot.parent.name == "snapshots" and (snapshot.parent.parent / "blobs").is_dir():
-            roots.append((snapshot.parent.parent / "blobs").resolve())
-    return roots
-
-
 def confined_path(folder: str | Path, name: object, where: str = INDEX_FILE) -> Path:
     """The resolved path of repo file ``name`` under ``folder``, refused if it leaves it.
 
@@ -160,11 +142,11 @@ def confined_path(folder: str | Path, name: object, where: str = INDEX_FILE) -> 
     """
     folder = Path(folder)
     check_relative(name, where)
-    resolved = (folder / name).resolve()
-    if not any(resolved.is_relative_to(root) for root in _allowed_roots(folder)):
+    resolved = resolved_inside(folder, name, snapshot_roots(folder))
+    if resolved is None:
         raise HubPathError(f"{folder / name} (named by {where}) leads outside the repo folder "
-                           f"{folder} (to {resolved}): a symlink points out of it; replace the "
-                           f"link with the file itself, or {_FIX}")
+                           f"{folder} (to {(folder / name).resolve()}): a symlink points out of "
+                           f"it; replace the link with the file itself, or {_FIX}")
     return resolved
 
 

@@ -4,12 +4,15 @@ The training loader is cut into shards of ``rows_per_shard`` rows (a multiple of
 size, so every batch is the one the whole loader yields). Each shard is featurized with the
 attributor's ``featurize`` (nothing else kept: memory is one shard's features plus, for TRAK,
 a ``width x width`` kernel) and written at once; its share of the kernel ``Phi^T Phi`` goes to
-``.build/``, and a receipt with both files' sha256 is written last. A killed build, run again
-with the same arguments, checks the receipts' hashes and computes only the shards without a
-valid receipt. ``shard=(i, n)`` (``--shard i/n``) computes every n-th shard starting at i, so
-that n processes (or ``accelerate launch`` / ``torchrun``, where the rank and world size are
-used) split the build; whichever process finds every shard done writes the state (the kernel
-inverse from the summed kernels), the card and ``hf_attrib_index.json``.
+``.build/``, and a receipt with both files' sha256 and the sha256 of the shard's collated
+input tensors is written last. A killed build, run again with the same arguments, checks the
+receipts' hashes, collates each finished shard's batches again (no gradients) to check that its
+inputs are still the same (a changed tokenisation, e.g. another ``max_length``, is recomputed,
+never mixed in), and computes only the shards without a valid receipt. ``shard=(i, n)``
+(``--shard i/n``) computes every n-th shard starting at i, so that n processes (or
+``accelerate launch`` / ``torchrun``, where the rank and world size are used) split the build;
+whichever process finds every shard done writes the state (the kernel inverse from the summed
+kernels), the card and ``hf_attrib_index.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from hf_attrib.algorithm.base import FeatureAttributor
 from hf_attrib.algorithm.cache_store import describe_differences, jsonable
 from hf_attrib.algorithm.registry import get_method, make_attributor, method_names
 from hf_attrib.distributed import rank_and_world
-from hf_attrib.hub.layout import file_entry, sha256_file
+from hf_attrib.hub.errors import HubPathError
+from hf_attrib.hub.layout import confined_path, sha256_file
 from hf_attrib.index.format import (
     BUILD_DIR,
     DTYPES,
@@ -47,13 +51,17 @@ from hf_attrib.index.format import (
 from hf_attrib.loaders import SubsetSampler, check_loader, count_examples, loader_indices
 from hf_attrib.task import AttributionTask
 
-__all__ = ["BuildResult", "build", "method_kwargs_of", "resolve_attributor"]
+__all__ = ["ROW_FACTOR", "BuildResult", "FileHashes", "build", "featurize_shard",
+           "inputs_sha256", "method_kwargs_of", "resolve_attributor"]
 
 logger = logging.getLogger(__name__)
 
 #: Default rows per shard (rounded up to a multiple of the loader's batch size).
 DEFAULT_SHARD_ROWS = 4096
 _SUPPORTED = "TRAK, TracInCP, Grad-Dot and Grad-Cos"
+#: The tensor of a shard holding each row's score factor (TRAK's ``1 - p(correct)``, averaged
+#: over checkpoints), present when the method has one.
+ROW_FACTOR = "row_factor"
 
 
 @dataclass
@@ -105,10 +113,6 @@ def resolve_attributor(task_or_attributor: AttributionTask | FeatureAttributor,
                          f"{_SUPPORTED} score with; {type(attributor).__name__} needs the "
                          "training set at query time. Use method='trak' (or grad-dot, "
                          "grad-cos, tracin).")
-    if getattr(attributor, "correct_probability_func", None) is not None:
-        raise ValueError("this TRAK attributor weights each training example by 1 - p(correct) "
-                         "(correct_probability_func), which the index does not store yet; pass "
-                         "correct_probability_func=None (method_kwargs) to index it without.")
     return attributor
 
 
@@ -150,6 +154,9 @@ def _model_info(attributor: FeatureAttributor, identity: Mapping[str, Any],
 
 def _dataset_info(dataset: Any, num_rows: int, dataset_id: str | None,
                   dataset_revision: str | None, text_column: str | None) -> dict[str, Any]:
+    """What the index records of its training data. ``num_rows`` are the rows indexed,
+    ``num_examples`` the dataset's length (more when a subset was indexed: example ids are
+    dataset indices, so the query checks a dataset given for texts against this)."""
     info = getattr(dataset, "info", None)
     columns = list(getattr(dataset, "column_names", None) or [])
     if text_column is None:
@@ -159,6 +166,7 @@ def _dataset_info(dataset: Any, num_rows: int, dataset_id: str | None,
         "revision": dataset_revision or getattr(info, "version", None),
         "fingerprint": getattr(dataset, "_fingerprint", None),
         "num_rows": num_rows,
+        "num_examples": len(dataset) if hasattr(dataset, "__len__") else None,
         "text_column": text_column,
     })
 
@@ -166,12 +174,17 @@ def _dataset_info(dataset: Any, num_rows: int, dataset_id: str | None,
 # --------------------------------------------------------------------------------------------
 # Loaders cut into shards
 # --------------------------------------------------------------------------------------------
-def _train_loader(attributor: FeatureAttributor, train: Any, batch_size: int) -> DataLoader:
+def _train_loader(attributor: FeatureAttributor, train: Any, batch_size: int,
+                  dataloader_kwargs: Mapping[str, Any]) -> DataLoader:
     if isinstance(train, DataLoader):
+        if dataloader_kwargs:
+            raise ValueError("dataloader_kwargs apply to a dataset (they go to "
+                             "task.dataloader); a DataLoader is used as given: build it with "
+                             "those settings instead.")
         return train
     maker = getattr(attributor.task, "dataloader", None)
     if callable(maker):
-        return maker(train, batch_size=batch_size)
+        return maker(train, batch_size=batch_size, **dataloader_kwargs)
     raise TypeError("pass the training set as a DataLoader (or a datasets.Dataset with a "
                     f"transformers task), got {type(train).__name__}.")
 
@@ -198,14 +211,18 @@ def _example_indices(loader: DataLoader) -> list[int]:
 # One shard
 # --------------------------------------------------------------------------------------------
 def featurize_shard(attributor: FeatureAttributor, loader: DataLoader, indices: list[int]
-                    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(features, kernels)`` of the examples ``indices`` (in that order): per checkpoint
-    ``c`` the float32 features ``[rows, width]`` and, for a method whose state needs it, their
-    kernel ``Phi^T Phi`` in float64."""
+                    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor | None]:
+    """``(features, kernels, row_factor)`` of the examples ``indices`` (in that order): per
+    checkpoint ``c`` the float32 features ``[rows, width]`` and, for a method whose state needs
+    it, their kernel ``Phi^T Phi`` in float64; and, for a method that weights each training
+    example (TRAK's ``1 - p(correct)``), the float32 factor ``[rows]`` averaged over the
+    checkpoints as ``attribute`` averages it (else ``None``)."""
     sub = _subloader(loader, indices)
     features: dict[str, Tensor] = {}
     kernels: dict[str, Tensor] = {}
-    for c in range(attributor.task.num_checkpoints):
+    row_factor: Tensor | None = None
+    num_checkpoints = attributor.task.num_checkpoints
+    for c in range(num_checkpoints):
         buf: Tensor | None = None
         for offset, feats in attributor.featurize(sub, checkpoint=c):
             if buf is None:
@@ -215,58 +232,144 @@ def featurize_shard(attributor: FeatureAttributor, loader: DataLoader, indices: 
         features[features_key(c)] = buf
         if attributor.needs_kernel:
             kernels[features_key(c)] = buf.double().T @ buf.double()
-    return features, kernels
+        if attributor.has_row_factors:
+            factor = torch.empty(len(indices), dtype=torch.float32)
+            for offset, f in attributor.row_factors(sub, checkpoint=c):
+                factor[offset:offset + f.shape[0]] = f.detach().float().cpu()
+            # the same operations, in the same order, as FeatureAttributor.attribute
+            factor = factor / num_checkpoints
+            row_factor = factor if row_factor is None else row_factor + factor
+    return features, kernels, row_factor
 
 
-def _receipt_path(out: Path, shard: int) -> Path:
-    return out / BUILD_DIR / f"shard-{shard:05d}.json"
+def inputs_sha256(loader: DataLoader) -> str:
+    """sha256 of every collated batch of ``loader`` (tensor names, dtypes, shapes and bytes):
+    what the features of a shard were computed from. Collating costs no gradient, so a resumed
+    build checks each finished shard's inputs with it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for batch in loader:
+        _hash_value(h, batch)
+    return h.hexdigest()
 
 
-def _kernel_path(out: Path, shard: int) -> Path:
-    return out / BUILD_DIR / f"kernel-{shard:05d}.safetensors"
+def _hash_value(h: Any, value: Any) -> None:
+    if isinstance(value, Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(value.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        h.update(f"M{len(value)}:".encode())
+        for key in sorted(value, key=str):
+            h.update(f"{key!s}=".encode())
+            _hash_value(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"L{len(value)}:".encode())
+        for item in value:
+            _hash_value(h, item)
+    else:
+        h.update(f"V{value!r};".encode())
 
 
-def _valid_receipt(out: Path, shard: int, plan_sha: str) -> dict[str, Any] | None:
+def _receipt_name(shard: int) -> str:
+    return f"{BUILD_DIR}/shard-{shard:05d}.json"
+
+
+def _kernel_name(shard: int) -> str:
+    return f"{BUILD_DIR}/kernel-{shard:05d}.safetensors"
+
+
+class FileHashes:
+    """sha256 of files, each hashed once while its size and mtime stay the same: a build
+    call checks a shard against its receipt, then again before the merge, without reading it
+    twice (a file rewritten since gets a new mtime and is hashed again)."""
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[int, int, str]] = {}
+
+    def entry(self, path: Path) -> dict[str, Any]:
+        """``{"sha256": ..., "size": ...}`` of ``path`` (as ``hub.layout.file_entry``)."""
+        path = path.resolve()
+        stat = path.stat()
+        known = self._known.get(path)
+        if known is None or known[:2] != (stat.st_size, stat.st_mtime_ns):
+            # stat before hashing: a write during the hash changes the mtime, so the next
+            # call hashes again instead of trusting a hash of other bytes
+            known = (stat.st_size, stat.st_mtime_ns, sha256_file(path))
+            self._known[path] = known
+        return {"sha256": known[2], "size": known[0]}
+
+
+def _receipt_file(out: Path, receipt: Mapping[str, Any], key: str, expected: str,
+                  hashes: FileHashes) -> Path | None:
+    """The file ``receipt[key]`` names when it is ``expected`` (the receipt decides no path),
+    stays inside ``out`` and matches the size and sha256 recorded; else ``None``."""
+    entry = receipt.get(key)
+    if not isinstance(entry, dict) or entry.get("file") != expected:
+        return None
+    try:
+        file = confined_path(out, expected, where=f"{BUILD_DIR} receipt")
+    except HubPathError:
+        return None
+    if not file.is_file() or hashes.entry(file) != {"sha256": entry.get("sha256"),
+                                                    "size": entry.get("size")}:
+        return None
+    return file
+
+
+def _valid_receipt(out: Path, shard: int, count: int, plan_sha: str, hashes: FileHashes,
+                   kernel: bool) -> dict[str, Any] | None:
     """The shard's receipt when it and the files it names are intact, else ``None``."""
     import json
 
-    path = _receipt_path(out, shard)
-    if not path.is_file():
-        return None
     try:
-        receipt = json.loads(path.read_text())
-    except (OSError, ValueError):
+        path = confined_path(out, _receipt_name(shard), where="the build")
+        receipt = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):  # HubPathError is a ValueError: a receipt linked elsewhere
+        receipt = None
+    if not isinstance(receipt, dict) or receipt.get("plan_sha256") != plan_sha:
         return None
-    if receipt.get("plan_sha256") != plan_sha:
+    intact = _receipt_file(out, receipt, "shard", shard_file(shard, count), hashes) is not None
+    if intact and kernel:
+        intact = _receipt_file(out, receipt, "kernel", _kernel_name(shard), hashes) is not None
+    if not intact:
+        logger.warning("shard %d of %s does not match its receipt: computing it again",
+                       shard, out)
         return None
-    entries = [receipt.get("shard")] + ([receipt["kernel"]] if receipt.get("kernel") else [])
-    for entry in entries:
-        file = out / str(entry.get("file")) if isinstance(entry, dict) else out / "?"
-        if not file.is_file() or file.stat().st_size != entry.get("size") or sha256_file(
-                file) != entry.get("sha256"):
-            logger.warning("shard %d of %s does not match its receipt: computing it again",
-                           shard, out)
-            return None
     return receipt
 
 
+def _same_inputs(receipt: Mapping[str, Any], loader: DataLoader, indices: list[int],
+                 shard: int, out: Path) -> bool:
+    """Whether a finished shard's collated inputs are still those it was computed from."""
+    if receipt.get("inputs_sha256") == inputs_sha256(_subloader(loader, indices)):
+        return True
+    logger.warning("shard %d of %s was computed from other inputs (the examples or their "
+                   "tokenisation changed since): computing it again", shard, out)
+    return False
+
+
 def _write_shard(out: Path, shard: int, count: int, features: dict[str, Tensor],
-                 kernels: dict[str, Tensor], indices: list[int], dtype: torch.dtype,
-                 plan_sha: str) -> dict[str, Any]:
+                 kernels: dict[str, Tensor], row_factor: Tensor | None, indices: list[int],
+                 dtype: torch.dtype, plan_sha: str, inputs_sha: str, hashes: FileHashes
+                 ) -> dict[str, Any]:
     """Write a shard, its kernel share, then its receipt (last: a receipt means both are
     complete)."""
     name = shard_file(shard, count)
     tensors = {k: v.to(dtype) for k, v in features.items()}
     tensors["example_id"] = torch.tensor(indices, dtype=torch.int64)
+    if row_factor is not None:  # float32 whatever the features' dtype: a factor of scores
+        tensors[ROW_FACTOR] = row_factor.float()
     save_tensors_atomic(tensors, out / name, {"format": INDEX_KIND})
-    receipt: dict[str, Any] = {"plan_sha256": plan_sha, "shard": {"file": name,
-                                                                  **file_entry(out / name)},
+    receipt: dict[str, Any] = {"plan_sha256": plan_sha, "inputs_sha256": inputs_sha,
+                               "shard": {"file": name, **hashes.entry(out / name)},
                                "kernel": None}
     if kernels:
-        path = _kernel_path(out, shard)
-        save_tensors_atomic(kernels, path)
-        receipt["kernel"] = {"file": path.relative_to(out).as_posix(), **file_entry(path)}
-    write_json_atomic(_receipt_path(out, shard), receipt)
+        save_tensors_atomic(kernels, out / _kernel_name(shard))
+        receipt["kernel"] = {"file": _kernel_name(shard),
+                             **hashes.entry(out / _kernel_name(shard))}
+    write_json_atomic(out / _receipt_name(shard), receipt)
     return receipt
 
 
@@ -300,12 +403,12 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> str:
 
 
 def _merge(out: Path, attributor: FeatureAttributor, plan: dict[str, Any], plan_sha: str,
-           meta: dict[str, Any], card: bool) -> bool:
+           meta: dict[str, Any], card: bool, hashes: FileHashes) -> bool:
     """Write the state, the card and the index file once every shard has a valid receipt."""
     count = plan["num_shards"]
     receipts = []
     for s in range(count):
-        receipt = _valid_receipt(out, s, plan_sha)
+        receipt = _valid_receipt(out, s, count, plan_sha, hashes, attributor.needs_kernel)
         if receipt is None:
             return False
         receipts.append(receipt)
@@ -315,8 +418,8 @@ def _merge(out: Path, attributor: FeatureAttributor, plan: dict[str, Any], plan_
     for c in range(plan["num_checkpoints"]):
         kernel = None
         if attributor.needs_kernel:
-            for r in receipts:  # in shard order: the same sum on every run
-                part = load_file(str(out / r["kernel"]["file"]))[features_key(c)]
+            for s in range(count):  # in shard order: the same sum on every run
+                part = load_file(str(confined_path(out, _kernel_name(s))))[features_key(c)]
                 kernel = part if kernel is None else kernel + part
         tensors = attributor.state_from_kernel(c, kernel)
         state.update({f"{features_key(c)}/{k}": v for k, v in tensors.items()})
@@ -329,7 +432,7 @@ def _merge(out: Path, attributor: FeatureAttributor, plan: dict[str, Any], plan_
                    for s in range(count)]}}
     if state:
         save_tensors_atomic(state, out / STATE_FILE, {"format": INDEX_KIND})
-        files[STATE_FILE] = file_entry(out / STATE_FILE)
+        files[STATE_FILE] = hashes.entry(out / STATE_FILE)
         kinds["state"] = {"file": STATE_FILE}
     from hf_attrib.index.format import mmap_tensor
 
@@ -360,7 +463,8 @@ def build(task_or_attributor: AttributionTask | FeatureAttributor, train: Any, *
           shard: tuple[int, int] | None = None, method_kwargs: Mapping[str, Any] | None = None,
           model_id: str | None = None, model_revision: str | None = None,
           dataset_id: str | None = None, dataset_revision: str | None = None,
-          text_column: str | None = None, card: bool = True) -> BuildResult:
+          text_column: str | None = None, card: bool = True,
+          dataloader_kwargs: Mapping[str, Any] | None = None) -> BuildResult:
     """Featurize a training set once into an attribution index folder (see the module).
 
     Args:
@@ -382,6 +486,8 @@ def build(task_or_attributor: AttributionTask | FeatureAttributor, train: Any, *
         dataset_id, dataset_revision: the training data recorded (default: from the dataset).
         text_column: the column holding each example's text (default ``text`` if present).
         card: write a ``README.md`` card.
+        dataloader_kwargs: settings of ``task.dataloader`` for a dataset (``max_length``,
+            ``text_column``...); recorded, and used for text queries too.
 
     Returns:
         A :class:`BuildResult`.
@@ -395,7 +501,8 @@ def build(task_or_attributor: AttributionTask | FeatureAttributor, train: Any, *
     if shard_rows < 1:
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}.")
     attributor = resolve_attributor(task_or_attributor, method, method_kwargs)
-    loader = _train_loader(attributor, train, batch_size)
+    loader_kwargs = dict(dataloader_kwargs or {})
+    loader = _train_loader(attributor, train, batch_size, loader_kwargs)
     indices = _example_indices(loader)
     n = len(indices)
     if n != count_examples(loader):
@@ -420,6 +527,9 @@ def build(task_or_attributor: AttributionTask | FeatureAttributor, train: Any, *
             "dataset": _dataset_info(dataset, n, dataset_id, dataset_revision, text_column),
             "features": {"dtype": dtype, "num_checkpoints": attributor.task.num_checkpoints,
                          "rows_per_shard": rows, "num_shards": count,
+                         "row_factors": attributor.has_row_factors,
+                         "dataloader": {"batch_size": loader.batch_size,
+                                        "kwargs": jsonable(loader_kwargs)},
                          "example_ids": "row r is the training loader's r-th example; each "
                                         "shard's example_id tensor holds its dataset index"}}
     plan = jsonable({"identity": identity, "num_rows": n, "rows_per_shard": rows,
@@ -427,22 +537,26 @@ def build(task_or_attributor: AttributionTask | FeatureAttributor, train: Any, *
                      "num_checkpoints": attributor.task.num_checkpoints,
                      "example_ids_sha256": _ids_sha(indices),
                      "dataset_fingerprint": meta["dataset"]["fingerprint"],
+                     "dataloader": meta["features"]["dataloader"],
                      "method": meta["method"]})
     plan_sha = _check_plan(out, plan)
     result = BuildResult(out, n, count)
+    hashes = FileHashes()
     for s in range(first, count, step):
-        if _valid_receipt(out, s, plan_sha) is not None:
+        part = indices[s * rows:(s + 1) * rows]
+        receipt = _valid_receipt(out, s, count, plan_sha, hashes, attributor.needs_kernel)
+        if receipt is not None and _same_inputs(receipt, loader, part, s, out):
             result.skipped.append(s)
             continue
-        part = indices[s * rows:(s + 1) * rows]
-        features, kernels = featurize_shard(attributor, loader, part)
-        _write_shard(out, s, count, features, kernels, part, DTYPES[dtype], plan_sha)
+        features, kernels, row_factor = featurize_shard(attributor, loader, part)
+        _write_shard(out, s, count, features, kernels, row_factor, part, DTYPES[dtype],
+                     plan_sha, inputs_sha256(_subloader(loader, part)), hashes)
         result.computed.append(s)
         logger.info("index shard %d/%d written (%d rows)", s + 1, count, len(part))
     if world > 1:
         torch.distributed.barrier()
     if world == 1 or rank == 0:
-        result.complete = _merge(out, attributor, plan, plan_sha, meta, card)
+        result.complete = _merge(out, attributor, plan, plan_sha, meta, card, hashes)
     if world > 1:
         torch.distributed.barrier()
         result.complete = (out / INDEX_FILE).is_file()

@@ -2,6 +2,7 @@
 
     hf-attrib index build --model ORG/MODEL --task causal-lm --train DATASET --method trak \\
         --out DIR [--layers last:2] [--dtype float16] [--shard-rows 4096] [--shard i/n]
+        [--max-length 128]
     hf-attrib index push DIR --repo-id ORG/MODEL-index
     hf-attrib index pull ORG/MODEL-index --out DIR [--rows a:b]
     hf-attrib index query DIR_OR_REPO --text "..." [--text ...] [--test DATASET] [--top-k 10]
@@ -32,7 +33,9 @@ def _build(args: argparse.Namespace) -> int:
     result = build(task, train, out=args.out, method=args.method, dtype=args.dtype,
                    shard_rows=args.shard_rows, batch_size=args.batch_size,
                    shard=parse_shard(args.shard, allow_auto=True), method_kwargs=kwargs,
-                   dataset_id=args.dataset_id or args.train, text_column=args.text_column)
+                   dataset_id=args.dataset_id or args.train, text_column=args.text_column,
+                   dataloader_kwargs={"max_length": args.max_length} if args.max_length
+                   else None)
     print(f"{result.path}: {len(result.computed)} shard(s) computed, {len(result.skipped)} "
           f"already done, of {result.num_shards} ({result.num_rows} examples)")
     print("index complete" if result.complete else
@@ -105,6 +108,8 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
                    help="storage type of the features (default float16)")
     b.add_argument("--shard-rows", type=int, default=4096, help="rows per shard")
     b.add_argument("--batch-size", type=int, default=8, help="examples per featurized batch")
+    b.add_argument("--max-length", type=int, help="truncate each example to this many tokens "
+                   "(default the tokenizer's; queries are truncated alike)")
     b.add_argument("--shard", help="i/n: compute every n-th shard from i (or auto under "
                    "torchrun/accelerate); the last part to finish writes the index")
     b.add_argument("--out", required=True, help="the index folder (rerun to resume)")

@@ -25,9 +25,7 @@ so a killed build leaves whole files or none. Shards are read memory-mapped.
 from __future__ import annotations
 
 import json
-import os
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hf_attrib.files import write_atomic  # its home; re-exported (indexes import it here)
 from hf_attrib.hub.layout import INDEX_FILE, save_safetensors, shard_name
 
 __all__ = [
@@ -81,20 +80,6 @@ def shard_file(index: int, count: int) -> str:
 def features_key(checkpoint: int) -> str:
     """The tensor name of checkpoint ``checkpoint``'s features in a shard."""
     return f"checkpoint-{checkpoint}"
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, fsync it, rename it to ``path``:
-    readers (and a resumed build) see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import FeatureAttributor
 from hf_attrib.algorithm.cache_store import describe_differences
+from hf_attrib.hub.errors import HubIntegrityError
 from hf_attrib.hub.layout import INDEX_FILE, read_index, verified_path
-from hf_attrib.index.builder import resolve_attributor
+from hf_attrib.index.builder import ROW_FACTOR, resolve_attributor
 from hf_attrib.index.format import (
     FEATURES_KIND,
     INDEX_KIND,
@@ -62,18 +63,22 @@ class Index:
         meta: its ``attribution_index`` entry (model, method, dataset, features, sizes).
         attributor: the attributor that featurizes the queries.
         num_rows: training examples indexed.
+        rows: the rows ``query``, ``scores`` and ``example_ids`` cover by default (all, or
+            those given to ``open``: the rows whose shards were pulled).
     """
 
     def __init__(self, path: Path, index: dict[str, Any], attributor: FeatureAttributor,
-                 dataset: Any = None) -> None:
+                 dataset: Any = None, rows: Any = None) -> None:
         self.path = path
         self.index = index
         self.meta = index["attribution_index"]
         self.attributor = attributor
         self.dataset = dataset
         self.num_rows = int(index["kinds"][FEATURES_KIND]["num_rows"])
+        self.rows = parse_rows(rows, self.num_rows)
         self._shards = index["kinds"][FEATURES_KIND]["shards"]
-        self._verified: set[str] = set()
+        # shard file -> (its confined path, (size, mtime) when its sha256 was checked)
+        self._verified: dict[str, tuple[Path, tuple[int, int]]] = {}
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -91,7 +96,8 @@ class Index:
                 revision the index records, with its task kind and layers.
             model: a model (or id / folder) to use instead of the recorded one.
             dataset: the training dataset, to return each example's text with the results.
-            rows: pull only the shards of these rows (``"a:b"``) from the Hub.
+            rows: the rows to search by default (``"a:b"``; default all); from the Hub, only
+                their shards are pulled.
             revision, endpoint, token, cache_dir: for a repo id (see ``pull_index``).
             device: where the model runs (default its own device).
 
@@ -126,7 +132,7 @@ class Index:
                 "in " + "; ".join(differences) + f". Query it with the model it was built for "
                 f"({recorded}{'@' + rev if rev else ''}, the same layers and method options), "
                 "or build an index for this model with `hf-attrib index build`.")
-        opened = cls(path, index, attributor, dataset)
+        opened = cls(path, index, attributor, dataset, rows)
         opened._restore_state()
         if dataset is not None:
             opened._check_dataset(dataset)
@@ -147,25 +153,41 @@ class Index:
     def _check_dataset(self, dataset: Any) -> None:
         recorded = self.meta["dataset"]
         fingerprint = getattr(dataset, "_fingerprint", None)
-        if len(dataset) != recorded["num_rows"] or (
+        # The dataset's length, not the rows indexed: an index of a subset stores dataset
+        # indices as example ids. (An index that predates num_examples indexed it whole.)
+        length = recorded.get("num_examples") or recorded["num_rows"]
+        if len(dataset) != length or (
                 recorded.get("fingerprint") and fingerprint
                 and fingerprint != recorded["fingerprint"]):
             raise ValueError(
                 f"the dataset given ({len(dataset)} rows, fingerprint {fingerprint}) is not the "
-                f"one indexed ({recorded['num_rows']} rows, fingerprint "
-                f"{recorded.get('fingerprint')}, id {recorded.get('id')}): pass the training "
-                "set the index was built on to get texts, or none.")
+                f"one indexed ({length} rows, fingerprint {recorded.get('fingerprint')}, id "
+                f"{recorded.get('id')}): pass the training set the index was built on to get "
+                "texts, or none.")
 
     # -- reading shards --------------------------------------------------------------------------
     def _shard(self, entry: Mapping[str, Any], name: str) -> Tensor:
+        """Tensor ``name`` of a shard, memory-mapped. The shard's sha256 is checked once per
+        opened index; every later use re-checks its size and mtime (cheap), so that a file
+        changed after the check is refused, never read unverified."""
         file = entry["file"]
-        missing = (f"{self.path / file} is missing: pull the shards of rows "
-                   f"{entry['start']}:{entry['stop']} with `hf-attrib index pull REPO --rows "
-                   f"{entry['start']}:{entry['stop']}` (or query only the rows you pulled).")
-        if file not in self._verified:  # hash-checked once per opened index
-            verified_path(self.path, self.index, file, missing=missing)
-            self._verified.add(file)
-        return mmap_tensor(self.path / file, name)
+        if file not in self._verified:
+            missing = (f"{self.path / file} is missing: pull the shards of rows "
+                       f"{entry['start']}:{entry['stop']} with `hf-attrib index pull REPO "
+                       f"--rows {entry['start']}:{entry['stop']}` (or query only the rows you "
+                       "pulled).")
+            # stat before hashing: a write during the hash changes the mtime
+            stamp = _stamp(self.path / file)
+            path = verified_path(self.path, self.index, file, missing=missing)
+            self._verified[file] = (path, stamp or _stamp(path))
+        path, stamp = self._verified[file]
+        if _stamp(path) != stamp:
+            raise HubIntegrityError(
+                f"{self.path / file} changed on disk after its sha256 was checked (its size or "
+                "modification time differ), so it is not read: open the index again "
+                "(Index.open) to check it anew, and if you did not change it, rebuild or pull "
+                "the index again.")
+        return mmap_tensor(path, name)
 
     def _blocks(self, tests: list[Tensor], rows: range) -> Iterator[tuple[range, Tensor]]:
         """``(rows, scores [len(rows), m])`` shard by shard over ``rows``."""
@@ -180,11 +202,13 @@ class Index:
                 part = feats.to(test.dtype) @ test.T
                 block = part if block is None else block + part
             assert block is not None
+            if self.meta["features"].get("row_factors"):  # as attribute() applies it
+                block = block * self._shard(entry, ROW_FACTOR)[local].to(block.dtype)[:, None]
             yield range(start, stop), block
 
     def example_ids(self, rows: Any = None) -> Tensor:
-        """The dataset index of each row of ``rows`` (default all)."""
-        wanted = parse_rows(rows, self.num_rows)
+        """The dataset index of each row of ``rows`` (default ``self.rows``)."""
+        wanted = self._rows(rows)
         out = []
         for entry in self._shards:
             start, stop = max(entry["start"], wanted.start), min(entry["stop"], wanted.stop)
@@ -201,14 +225,16 @@ class Index:
         att = self.attributor
         out = []
         for c in range(self.meta["features"]["num_checkpoints"]):
-            feats = torch.cat([f for _, f in att.featurize(loader, c, kind=att.test_kind)])
+            feats = torch.cat([f for _, f in att.featurize(loader, c, kind=att.test_kind,
+                                                            role="query")])
             out.append(att.query_transform(c, feats).float().cpu())
         return out
 
     def scores(self, test: Any, rows: Any = None, batch_size: int = 8) -> Tensor:
-        """Scores ``[len(rows), m]``: every indexed training example (default all rows) against
-        each query, as the in-memory attributor's ``attribute`` returns them."""
-        wanted = parse_rows(rows, self.num_rows)
+        """Scores ``[len(rows), m]``: every indexed training example of ``rows`` (default
+        ``self.rows``) against each query, as the in-memory attributor's ``attribute`` returns
+        them."""
+        wanted = self._rows(rows)
         tests = self.test_features(test, batch_size)
         out = torch.empty(len(wanted), tests[0].shape[0])
         for got, block in self._blocks(tests, wanted):
@@ -223,12 +249,12 @@ class Index:
             test: the queries: a text, a list of texts, a ``datasets.Dataset`` or a
                 ``DataLoader`` built as the training loader was.
             top_k: examples per query.
-            rows: search only these index rows (``"a:b"``; default all).
+            rows: search only these index rows (``"a:b"``; default ``self.rows``).
             batch_size: batch size for featurizing the queries.
         """
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}.")
-        wanted = parse_rows(rows, self.num_rows)
+        wanted = self._rows(rows)
         tests = self.test_features(test, batch_size)
         best_scores: Tensor | None = None
         best_rows: Tensor | None = None
@@ -246,6 +272,9 @@ class Index:
         scores, rows_t = best_scores.T.contiguous(), best_rows.T.contiguous()
         ids = self._ids_of(rows_t)
         return QueryResult(scores, rows_t, ids, self._texts(ids))
+
+    def _rows(self, rows: Any) -> range:
+        return self.rows if rows is None else parse_rows(rows, self.num_rows)
 
     def _ids_of(self, rows: Tensor) -> Tensor:
         out = torch.empty_like(rows)
@@ -279,7 +308,19 @@ class Index:
         if not callable(maker):
             raise TypeError("queries must be a DataLoader built as the training loader was "
                             "(this task has no dataloader() for texts or datasets).")
-        return maker(test, batch_size=batch_size)
+        # tokenised as the training set was (its truncation), whatever the tokenizer's default
+        recorded = (self.meta["features"].get("dataloader") or {}).get("kwargs") or {}
+        extra = {k: recorded[k] for k in ("max_length",) if recorded.get(k) is not None}
+        return maker(test, batch_size=batch_size, **extra)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """``(size, mtime)`` of a file, ``None`` when it is absent."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _query_attributor(meta: Mapping[str, Any], task: Any, model: Any,
@@ -287,6 +328,9 @@ def _query_attributor(meta: Mapping[str, Any], task: Any, model: Any,
     """The attributor that featurizes queries: the given one, the method on the given task, or
     the method on the recorded model loaded with ``task_from_pretrained``."""
     kwargs = dict(meta["method"].get("kwargs") or {})
+    # Recorded by name only; the task supplies its own (task.attributor does), and the
+    # identity check (its "row_factor" option) refuses a query side without one.
+    kwargs.pop("correct_probability_func", None)
     if isinstance(task, FeatureAttributor):
         return resolve_attributor(task)
     if task is None:

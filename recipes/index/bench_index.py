@@ -7,7 +7,9 @@ per example. For each size N (each in a fresh process, so that its peak RSS is i
 * build: ``hf_attrib.index.build`` with TRAK and the factored projection (``--proj-dim``),
   fp16 shards of 4,096 rows; wall time and examples/s, against one training epoch of the same
   model and batch size (forward, backward, AdamW; timed on ``--train-sample`` examples);
-* peak RSS of the process (flat in N when the build streams);
+* peak RSS of the process, and the peak of its anonymous memory during the build (``RssAnon``,
+  sampled: the process's own memory, without the memory-mapped dataset's file pages); the
+  data is tokenised beforehand by the parent process and read back with ``load_from_disk``;
 * storage per example (features only, and with the state);
 * queries: a top-10 query of one example (median of 20) and of a batch of 64 (median of 5).
 
@@ -88,24 +90,71 @@ def train_rate(net, data, batch_size: int, sample: int) -> float:
     return rate
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class AnonPeak:
+    """Peak anonymous RSS (``RssAnon``: the process's own memory, not the memory-mapped
+    dataset's file pages, which the kernel may drop) sampled every 50 ms while open."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kb = _status_kb("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak_kb = max(self.peak_kb, _status_kb("RssAnon"))
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def prepare_data(n: int, out: Path) -> Path:
+    """Tokenise the first ``n`` lines into ``out/data-<n>`` (``save_to_disk``; read back
+    memory-mapped by the worker, as a user's large dataset is) with the character table."""
+    folder = out / f"data-{n}"
+    lines = shakespeare_lines(n)
+    chars = "".join(sorted({c for line in lines[:50000] for c in line}))
+    shutil.rmtree(folder, ignore_errors=True)
+    dataset(lines, chars).save_to_disk(str(folder))
+    (folder / "chars.json").write_text(json.dumps(chars))
+    return folder
+
+
 def worker(args: argparse.Namespace) -> dict:
     import torch
+    from datasets import load_from_disk
 
     from hf_attrib.index import Index, build
     from hf_attrib.integrations.transformers import task_from_pretrained
 
     torch.set_num_threads(args.threads)
-    lines = shakespeare_lines(args.worker)
-    chars = "".join(sorted({c for line in lines[:50000] for c in line}))
-    data = dataset(lines, chars)
+    folder = Path(args.out) / f"data-{args.worker}"
+    chars = json.loads((folder / "chars.json").read_text())
+    data = load_from_disk(str(folder))
     net = model(len(chars) + 2)
     out = Path(args.out) / f"index-{args.worker}"
     shutil.rmtree(out, ignore_errors=True)
     task = task_from_pretrained(net, "causal-lm")
     att = task.attributor("trak", projector_kwargs={"proj_type": "factored",
                                                     "proj_dim": args.proj_dim})
+    rss_before_mb = _status_kb("VmRSS") / 1024
     start = time.perf_counter()
-    result = build(att, data, out=out, batch_size=args.batch_size, shard_rows=4096)
+    with AnonPeak() as anon:
+        result = build(att, data, out=out, batch_size=args.batch_size, shard_rows=4096)
     build_s = time.perf_counter() - start
     rss_build_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
@@ -130,6 +179,8 @@ def worker(args: argparse.Namespace) -> dict:
         "build_s": build_s, "build_examples_per_s": args.worker / build_s,
         "train_examples_per_s": rate, "train_epoch_s_estimate": args.worker / rate,
         "build_over_train_epoch": (args.worker / (args.worker / build_s)) / (args.worker / rate),
+        "rss_mb_before_build": rss_before_mb,
+        "peak_anon_rss_mb_during_build": anon.peak_kb / 1024,
         "peak_rss_mb_after_build": rss_build_mb,
         "peak_rss_mb_total": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "bytes_per_example": meta["sizes"]["bytes_per_example"],
@@ -155,6 +206,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
+        prepare_data(n, Path(args.out))  # here, so the worker's peak is not the tokenising's
         cmd = [sys.executable, __file__, "--worker", str(n), "--proj-dim", str(args.proj_dim),
                "--batch-size", str(args.batch_size), "--train-sample", str(args.train_sample),
                "--threads", str(args.threads), "--out", args.out]
