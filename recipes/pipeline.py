@@ -32,7 +32,9 @@ Stages, run in this order for every setting of the recipe (``--stage`` picks som
                   later ``--stage push`` uploads.
 
 A finished stage writes ``WORK/SETTING/stages/STAGE.done`` (JSON: seconds, details) through a
-temporary file and a rename; a rerun skips it. Every start, skip and finish is appended to
+temporary file and a rename; a rerun skips it, unless it is outdated (an ``attribute`` stage
+that did not cover a method the config now names, an ``evaluate`` stage older than its
+``attribute`` stage: see ``outdated``). Every start, skip and finish is appended to
 ``WORK/pipeline.log`` (JSON lines). ``--shard auto`` takes the shard from the ``RANK`` and
 ``WORLD_SIZE`` variables ``accelerate launch`` (or ``torchrun``) sets.
 """
@@ -309,6 +311,15 @@ def searched(cfg: dict[str, Any], setting: str, method: str) -> bool:
     return bool(cfg["search"]) and method not in cfg.get("no_search", {}).get(setting, [])
 
 
+def method_params(cfg: dict[str, Any], setting: str, method: str
+                  ) -> dict[str, dict[str, Any]]:
+    """``[params_by_setting.SETTING] METHOD = {...}``: hyperparameters laid over every setting
+    ``method`` runs on ``setting`` (e.g. LiSSA's ``scaling`` where the model's curvature is
+    steeper than the digits-tuned default allows), as ``run_benchmark(params=...)`` takes them."""
+    values = cfg.get("params_by_setting", {}).get(setting, {}).get(method)
+    return {method: dict(values)} if values else {}
+
+
 def stage_attribute(ctx: Context) -> dict[str, Any]:
     from hf_attrib.benchmark.runner import ensemble_models_needed, run_benchmark
     from hf_attrib.hub.benchmark import pull_benchmark
@@ -333,7 +344,8 @@ def stage_attribute(ctx: Context) -> dict[str, Any]:
         results = run_benchmark(ctx.setting_name, methods=[method], out_dir=out,
                                 device=ctx.device, smoke=ctx.smoke, data_dir=ctx.source_dir(),
                                 search=searched(ctx.cfg, ctx.setting_name, method),
-                                progress=ctx.progress, pulled=pulled)
+                                progress=ctx.progress, pulled=pulled,
+                                params=method_params(ctx.cfg, ctx.setting_name, method))
         seconds = time.perf_counter() - start
         atomic_write_json(marker, {"seconds": seconds, "row": results["methods"][0]})
         ctx.log("attribute", "method-done", method=method, seconds=round(seconds, 2))
@@ -436,11 +448,32 @@ STAGE_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
 }
 
 
+def outdated(ctx: Context, stage: str) -> str | None:
+    """Why a finished stage must run again, or None: an ``attribute`` stage that did not cover a
+    method the config now names (the rerun skips the finished methods), an ``evaluate`` stage
+    older than the ``attribute`` stage it read. Sharded markers are never outdated."""
+    done = ctx.done(stage)
+    if done is None:
+        return None
+    if stage == "attribute":
+        covered = set(done.get("ran", [])) | set(done.get("skipped", []))
+        added = [m for m in _methods(ctx) if m not in covered]
+        return f"methods {added} added since it finished" if added else None
+    if stage == "evaluate":
+        attribute = ctx.done("attribute")
+        if attribute and attribute.get("finished", 0) > done.get("finished", 0):
+            return "the attribute stage finished after it"
+    return None
+
+
 def run_stage(ctx: Context, stage: str) -> None:
     marker = ctx.marker(stage, ctx.shard)
     if marker.is_file() or ctx.marker(stage).is_file():
-        ctx.log(stage, "skip", why="done")
-        return
+        why = outdated(ctx, stage) if ctx.marker(stage).is_file() else None
+        if why is None:
+            ctx.log(stage, "skip", why="done")
+            return
+        ctx.log(stage, "redo", why=why)
     ctx.log(stage, "start")
     start = time.perf_counter()
     try:

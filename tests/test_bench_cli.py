@@ -157,3 +157,23 @@ def test_ground_truth_of_another_training_set_size_is_refused(tmp_path):
                 "--out", out)
     assert full.returncode == 2
     assert "was built for 120 training examples but this setting has 1000" in full.stderr
+
+
+def test_method_params_reach_the_attributor_and_are_recorded(tmp_path):
+    """``run_benchmark(params=...)`` lays per-method values over the method's setting: a LiSSA
+    scaling far below the Hessian's top eigenvalue makes the recursion diverge (so the value
+    reached the attributor), and a sound one is recorded with the trial."""
+    from hf_attrib.benchmark.runner import run_benchmark
+
+    out = tmp_path / "run"
+    bad = run_benchmark("digits-lr", methods=["if-lissa"], out_dir=out, smoke=True,
+                        progress=False, params={"if-lissa": {"scaling": 1e-3}})
+    assert "diverged" in bad["methods"][0]["error"]
+    good = run_benchmark("digits-lr", methods=["if-lissa"], out_dir=out, smoke=True,
+                         progress=False, params={"if-lissa": {"scaling": 50.0, "damping": 2e-5}})
+    row = good["methods"][0]
+    assert "error" not in row and row["params"]["scaling"] == 50.0
+    assert row["params"]["damping"] == 2e-5 and row["params"]["recursion_depth"] == 10
+    with pytest.raises(KeyError, match="if-magic"):
+        run_benchmark("digits-lr", methods=["if-lissa"], out_dir=out, smoke=True,
+                      progress=False, params={"if-magic": {"scaling": 1.0}})

@@ -426,3 +426,40 @@ def test_readme_digits_tables_are_the_recorded_runs(setting):
             continue
         cells = [c.strip() for c in line.split("|")]
         assert cells[3:6] == [f"{row[m]:.3f}" for m in ("lds", "loo", "auc")], line
+
+
+def test_added_methods_redo_attribute_and_evaluate_but_nothing_else(tmp_path, monkeypatch):
+    """A finished attribute stage that did not cover a method the config now names runs again
+    (its finished methods are skipped inside it), and so does an evaluate stage older than it;
+    the other stages stay skipped."""
+    cfg = pipeline.load_config(_config("mnist"), "smoke")
+    ctx = pipeline.Context(cfg=cfg, setting_name="digits_lr", work=tmp_path, data_dir=None,
+                           device="cpu", endpoint=None, shard=None, block_size=None,
+                           progress=False, log_path=tmp_path / "pipeline.log")
+    ran = []
+    monkeypatch.setattr(pipeline, "STAGE_FUNCS", {
+        stage: (lambda c, stage=stage: ran.append(stage) or {"ran": c.cfg["methods"],
+                                                              "skipped": [], "missing": []})
+        for stage in pipeline.STAGES})
+    for stage in ("train", "attribute", "evaluate"):
+        pipeline.run_stage(ctx, stage)
+    assert ran == ["train", "attribute", "evaluate"]
+    for stage in ("train", "attribute", "evaluate"):
+        pipeline.run_stage(ctx, stage)
+    assert ran == ["train", "attribute", "evaluate"]  # all done: nothing reruns
+
+    cfg["methods"] = [*cfg["methods"], "if-cg"]
+    assert "if-cg" in pipeline.outdated(ctx, "attribute")
+    for stage in ("train", "attribute", "evaluate"):
+        pipeline.run_stage(ctx, stage)
+    assert ran[3:] == ["attribute", "evaluate"]
+    assert pipeline.outdated(ctx, "attribute") is None
+    assert pipeline.outdated(ctx, "evaluate") is None
+
+
+def test_params_by_setting_are_passed_per_method():
+    cfg = pipeline.load_config(_config("mnist"), "full")
+    assert pipeline.method_params(cfg, "mnist_mlp", "if-lissa") == {
+        "if-lissa": {"scaling": 50.0, "damping": 2e-5}}
+    assert pipeline.method_params(cfg, "mnist_mlp", "if-cg") == {}
+    assert pipeline.method_params(cfg, "mnist_lr", "if-lissa") == {}

@@ -452,6 +452,7 @@ def run_benchmark(
     search: bool = False,
     progress: bool = True,
     pulled: PulledBenchmark | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark of one setting; see the module docstring.
 
@@ -475,12 +476,16 @@ def run_benchmark(
             full-data (and noisy-label) models, the LDS subset models ensembling methods use
             and the ground-truth targets come from it; nothing is retrained but TracIn's
             trajectory.
+        params: per-method hyperparameters laid over every setting the method runs (the
+            default or each grid point), e.g. ``{"if-lissa": {"scaling": 50.0}}`` where a
+            model's curvature needs a value the digits-tuned wiring does not give. They are
+            recorded with each trial's ``params`` (results.json, the table's settings).
 
     Returns:
         The results (also written to ``out_dir/results.json`` and ``out_dir/results.md``).
 
     Raises:
-        KeyError: an unknown method.
+        KeyError: an unknown method (in ``methods`` or ``params``).
         PermissionError, NotADirectoryError: ``out_dir`` cannot be written (checked first).
         ValueError: ``pulled`` holds another setting, or another size (smoke or full).
     """
@@ -490,6 +495,8 @@ def run_benchmark(
         loo_examples = min(loo_examples or 20, 20)
     methods_given = methods
     methods = _checked_methods(methods)
+    overrides = {method: dict(values) for method, values in (params or {}).items()}
+    _checked_methods(list(overrides))
     out = check_writable(out_dir)  # before any training
     gt_dir = out / "ground_truth"
     # Pulled benchmarks bring their sample: the source data (e.g. ylecun/mnist) is not needed.
@@ -571,7 +578,7 @@ def run_benchmark(
         start = time.perf_counter()
         rows.append(_run_method(method, model, fns, full_state, trajectory, lds_models,
                                 setting, train_loader, test_loader, ground_truth, noisy_state,
-                                data, device, search, smoke))
+                                data, device, search, smoke, overrides.get(method, {})))
         _say(progress, f"[{i}/{len(methods)}] {method} done in "
                        f"{time.perf_counter() - start:.1f} s: {_outcome(rows[-1])}")
     results = {
@@ -653,9 +660,11 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
                 lds_models: Stacked, setting: BenchmarkSetting,
                 train_loader: DataLoader, test_loader: DataLoader,
                 ground_truth: dict[str, Any], noisy_state: Any, data: BenchmarkData,
-                device: str, search: bool, smoke: bool = False) -> dict[str, Any]:
+                device: str, search: bool, smoke: bool = False,
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate one method: each hyperparameter setting of the grid (``search``) or the
-    default, reporting for every metric the best value over the settings, as the paper does."""
+    default, reporting for every metric the best value over the settings, as the paper does.
+    ``overrides`` are laid over every setting (``run_benchmark(params=...)``)."""
     if method == "tracin":
         checkpoints = trajectory
     elif method.startswith("trak-"):
@@ -673,6 +682,7 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
     grid = SEARCH[_family(method)] if search else [DEFAULTS[_family(method)]]
     if smoke:
         grid = [{**params, **_SMOKE_PARAMS.get(method, {})} for params in grid]
+    grid = [{**params, **(overrides or {})} for params in grid]
     trials = []
     cached: dict[str, Any] = {}  # reusable caches (see _cached_attributor)
     for params in grid:
