@@ -68,6 +68,37 @@ def factored_options(projector_kwargs: Mapping[str, Any] | None) -> dict[str, An
             "kind": projector_kwargs.get("kind", "normal")}
 
 
+def checked_engine(model: torch.nn.Module, names: list[str], *, who: str, verb: str,
+                   instead: str) -> LayerGradients:
+    """The per-layer engine over the parameters ``names`` of ``model``, for a method that
+    needs it to cover them all and the model in eval mode.
+
+    Args:
+        model: the task's model (its modules get the hooks).
+        names: the selected parameter names.
+        who: the method, as the errors name it (``"IFAttributorKFAC"``).
+        verb: what the method does with the layers' gradients (``"factors"``).
+        instead: the way out the errors offer (``"use IFAttributorCG"``).
+
+    Raises:
+        ValueError: a selected parameter belongs to no supported layer, or dropout (any
+            training-mode module) is active: a batched forward then draws other masks than
+            one example at a time.
+    """
+    engine = LayerGradients(model, names)
+    if engine.uncovered:
+        raise ValueError(
+            f"{who} {verb} the gradients of nn.Linear, transformers Conv1D, nn.Conv2d "
+            f"(groups=1), nn.Embedding and nn.LayerNorm layers; the selected parameters "
+            f"{engine.uncovered[:5]} belong to other modules. Select only such layers "
+            f"(layer_name=...) or {instead}.")
+    if any(m.training for m in model.modules()):
+        raise ValueError(
+            f"{who} needs the model in eval mode (active dropout draws other masks in a "
+            f"batched forward than per example): call model.eval(), or {instead}.")
+    return engine
+
+
 class FactoredFeatures:
     """Factored features of one task's selected layers (every checkpoint: same layers).
 
@@ -86,19 +117,10 @@ class FactoredFeatures:
     def __init__(self, task: AttributionTask, fns: CheckpointFunctions,
                  options: dict[str, Any] | None, device: torch.device,
                  projector: FactoredProjector | None = None) -> None:
-        self.engine = LayerGradients(task.model, list(fns.layout))
-        if self.engine.uncovered:
-            raise ValueError(
-                "proj_type='factored' projects the gradients of nn.Linear, transformers "
-                "Conv1D, nn.Conv2d (groups=1), nn.Embedding and nn.LayerNorm layers; the "
-                f"selected parameters {self.engine.uncovered[:5]} belong to other modules. "
-                "Select only such layers "
-                "(layer_name=...) or use a dense projection (proj_type='normal' or 'sparse').")
-        if any(m.training for m in task.model.modules()):
-            raise ValueError(
-                "proj_type='factored' needs the model in eval mode (active dropout draws other "
-                "masks in a batched forward than per example); use a dense projection for a "
-                "dropout ensemble.")
+        self.engine = checked_engine(
+            task.model, list(fns.layout), who="proj_type='factored'", verb="projects",
+            instead="use a dense projection (proj_type='normal' or 'sparse'; it also serves "
+                    "dropout ensembles)")
         blocks = list(self.engine.blocks.values())
         if projector is None:
             assert options is not None, "options or a projector"

@@ -51,7 +51,6 @@ per-example gradients). A dense factor side is at most ``MAX_DENSE_DIM`` wide.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,8 +60,9 @@ from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import FeatureAttributor
 from hf_attrib.algorithm.cache_store import CacheIntegrityError
-from hf_attrib.algorithm.factored import FactoredFeatures
+from hf_attrib.algorithm.factored import FactoredFeatures, checked_engine
 from hf_attrib.distributed import all_reduce_sum
+from hf_attrib.func.factored_projection import stable_seed
 from hf_attrib.func.kfac import (
     BlockEigen,
     EigenbasisProjector,
@@ -71,7 +71,7 @@ from hf_attrib.func.kfac import (
     kfac_eigenvalues,
     transposed_bases,
 )
-from hf_attrib.func.layer_grads import Block, LayerGradients, Side
+from hf_attrib.func.layer_grads import Block, Side
 from hf_attrib.func.utils import batch_size_of, unflatten_params
 from hf_attrib.task import AttributionTask, CheckpointFunctions
 
@@ -149,25 +149,13 @@ class _KFACBase(FeatureAttributor):
         self.fisher_seed = fisher_seed
         self.damping = damping
         self.damping_scale = damping_scale
-        self._layers = self._check_layers()
+        self._layers = checked_engine(
+            self.task.model, self.task.select_parameters(self.layer_name),
+            who=type(self).__name__, verb="factors",
+            instead="use IFAttributorCG / IFAttributorArnoldi")
         self._rotation = EigenbasisProjector(list(self._layers.blocks.values()), self.device)
         self._rotated: FactoredFeatures | None = None
         self._fits: dict[int, dict[str, BlockEigen]] = {}
-
-    def _check_layers(self) -> LayerGradients:
-        method = type(self).__name__
-        layers = LayerGradients(self.task.model, self.task.select_parameters(self.layer_name))
-        if layers.uncovered:
-            raise ValueError(
-                f"{method} factors the gradients of nn.Linear, transformers Conv1D, nn.Conv2d "
-                "(groups=1), nn.Embedding and nn.LayerNorm layers; the selected parameters "
-                f"{layers.uncovered[:5]} belong to other modules. Select only such layers "
-                "(layer_name=...) or use IFAttributorCG / IFAttributorArnoldi.")
-        if any(m.training for m in self.task.model.modules()):
-            raise ValueError(
-                f"{method} needs the model in eval mode (active dropout draws other masks in a "
-                "batched forward than per example): call model.eval(), or use IFAttributorCG.")
-        return layers
 
     # -- the engine's features, rotated into the eigenbasis ----------------------------------
     def _factored_features(self, fns: CheckpointFunctions) -> FactoredFeatures:
@@ -191,9 +179,8 @@ class _KFACBase(FeatureAttributor):
         """The batch-mean loss whose gradients define the Fisher (``value`` for the engine)."""
         if self.sampled_loss_func is None:
             return lambda: fns.loss(fns.theta, batch)
-        digest = hashlib.sha256(f"{self.fisher_seed}/{fns.index}/{offset}".encode()).digest()
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        generator.manual_seed(stable_seed(self.fisher_seed, fns.index, offset))
         # The merge task.functions binds into fns.loss: the fixed parameters of checkpoint
         # fns.index (not whatever checkpoint the model holds now), the selected ones from theta.
         model = self.task.load_checkpoint(fns.index)

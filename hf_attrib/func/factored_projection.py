@@ -106,7 +106,7 @@ class FactoredProjector:
         return self._matrices[key]
 
     def _draw(self, name: str, axis: int, ensemble_id: int, dim: int) -> Tensor:
-        gen = torch.Generator().manual_seed(_stable_seed(self.seed, ensemble_id, name, axis))
+        gen = torch.Generator().manual_seed(stable_seed(self.seed, ensemble_id, name, axis))
         k = self.factor_dim
         if self.kind == "normal":
             mat = torch.randn(k, dim, generator=gen)
@@ -172,7 +172,8 @@ class FactoredProjector:
         return torch.cat(parts, dim=1)
 
 
-def _stable_seed(seed: int, ensemble_id: int, name: str, axis: int) -> int:
-    # hash() differs between Python processes; a digest does not.
-    digest = hashlib.sha256(f"{seed}/{ensemble_id}/{name}/{axis}".encode()).digest()
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts``, the same in every Python process (``hash()`` is salted
+    per process; a digest of ``"/".join(parts)`` is not)."""
+    digest = hashlib.sha256("/".join(str(part) for part in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
