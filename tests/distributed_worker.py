@@ -2,7 +2,8 @@
 
 Run alone (``python tests/distributed_worker.py OUT``), under ``torchrun --nproc_per_node 2``
 or under ``accelerate launch --multi_gpu --num_processes 2``; rank 0 writes every score
-tensor to ``OUT`` (safetensors). ``tests/test_distributed.py`` compares the runs.
+tensor to ``OUT`` (safetensors). ``WORKER_ROWS=trak,if-cg`` runs only those attributors.
+``tests/test_distributed.py`` compares the runs.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def main(out: str) -> None:
         "if-ekfac-true": IFAttributorEKFAC(one, sampled_loss_func=sampled),
         "rps": RPSAttributor(one, final_linear_layer_name="2", l2_strength=0.01),
     }
+    rows = [r for r in os.environ.get("WORKER_ROWS", "").split(",") if r]
+    if rows:  # a subset, e.g. the launcher check of tests/test_distributed.py
+        attributors = {name: attributors[name] for name in rows}
     tensors = {}
     start = time.perf_counter()
     for name, attributor in attributors.items():

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -69,23 +66,13 @@ def _worker(out: str) -> None:
     close_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # ~25 s on 2 shared cores: two interpreters importing torch and hf_attrib
 def test_two_process_build_equals_one_process_build(tmp_path):
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not on PATH")
+    from launchers import launch_two
+
     from hf_attrib.index import Index, build
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), __file__, str(tmp_path / "two")],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launch_two("torchrun", [__file__, str(tmp_path / "two")])
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and all(r["complete"] for r in ranks)
     assert ranks[0]["computed"] == [0, 2] and ranks[1]["computed"] == [1, 3]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 from integrations_helpers import char_tokenizer, text_datasets, tiny_bert, tiny_gpt2
+from launchers import launch_two
 from safetensors import safe_open
 
 DUPS = (2, 5, 9)
@@ -158,11 +158,6 @@ def test_report_shows_indices_for_images():
 def test_attribute_under_torchrun_matches_one_process(saved):
     """``torchrun --nproc_per_node 2 -m hf_attrib.cli attribute ...`` shares the gradients
     between two gloo processes and writes the same scores as one process."""
-    import shutil
-    import socket
-
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not on PATH")
     root = saved[0]
     common = ["attribute", "--model", str(root / "gpt2"), "--task", "causal-lm",
               "--train", str(root / "train"), "--test", str(root / "test.jsonl"),
@@ -170,14 +165,8 @@ def test_attribute_under_torchrun_matches_one_process(saved):
               "--regularization", "0.1", "--max-iter", "5", "--no-progress"]
     one = _cli(*common, "--out", str(root / "one.safetensors"))
     assert one.returncode == 0, one.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(port),
-                          "-m", "hf_attrib.cli", *common, "--out", str(root / "two.safetensors")],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    two = launch_two("torchrun", ["-m", "hf_attrib.cli", *common,
+                                  "--out", str(root / "two.safetensors")])
     assert two.stdout.count("wrote ") == 1  # only the main process reports
     with safe_open(str(root / "one.safetensors"), "pt") as f:
         ref = f.get_tensor("scores")
