@@ -45,7 +45,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
+
+from hf_attrib.files import write_atomic
 
 __all__ = [
     "BLOCK_FORMAT",
@@ -549,22 +550,21 @@ _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and
-    ``os.replace``: ``path`` is never partial, and the temporary file is removed on any
-    failure (a kill leaves it behind; :func:`.retrain` removes it on the next run)."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    """Write ``data`` to ``path`` atomically (:func:`hf_attrib.files.write_atomic`): ``path`` is
+    never partial, and the temporary file is removed on any failure (a kill leaves it behind;
+    :func:`.retrain` removes it on the next run). A full disk is an error that says how much
+    the block needs and where."""
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        write_atomic(path, write)
     except OSError as err:
         if err.errno not in _DISK_FULL:
             raise
         raise OSError(err.errno, _disk_full_message(path, len(data)), str(path)) from err
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _disk_full_message(path: Path, size: int) -> str:

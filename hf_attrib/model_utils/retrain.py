@@ -45,6 +45,7 @@ from safetensors.torch import save_file, save_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from hf_attrib.files import write_atomic
 from hf_attrib.model_utils import retraining as _retraining
 from hf_attrib.model_utils.subsets import lds_subsets
 
@@ -63,21 +64,20 @@ def _dataset(dataloader: DataLoader) -> Any:
 
 def _save_weights(model: Any, file: Path) -> None:
     """Write what ``train_func`` returned to ``file`` atomically, as safetensors."""
-    tmp = file.with_name(file.name + ".tmp")
     if isinstance(model, nn.Module):
-        save_model(model, str(tmp), force_contiguous=True)  # drops tied duplicates
+        # save_model drops tied duplicates
+        write_atomic(file, lambda tmp: save_model(model, str(tmp), force_contiguous=True))
     elif isinstance(model, Mapping) and all(isinstance(v, Tensor) for v in model.values()):
-        save_file({k: v.detach().contiguous() for k, v in model.items()}, str(tmp))
+        tensors = {k: v.detach().contiguous() for k, v in model.items()}
+        write_atomic(file, lambda tmp: save_file(tensors, str(tmp)))
     else:
         raise TypeError(f"train_func must return the trained nn.Module (or its state dict), got "
                         f"{type(model).__name__}.")
-    os.replace(tmp, file)
 
 
 def _write_metadata(path: Path, metadata: dict[str, Any]) -> None:
-    tmp = path / (METADATA + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    os.replace(tmp, path / METADATA)
+    text = json.dumps(metadata, indent=2, sort_keys=True)
+    write_atomic(path / METADATA, lambda tmp: tmp.write_text(text))
 
 
 def _train(train_func: Callable[..., Any], loader: DataLoader, seed: int | None,
