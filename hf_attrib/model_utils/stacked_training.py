@@ -293,14 +293,7 @@ def _window_steps(
     (found and verified by :func:`_input_layer`) it runs for all models as one matrix product
     outside ``vmap`` (:class:`_InputLayerGrad`); otherwise the whole model runs under ``vmap``.
     """
-
-    def window_loss(train: dict[str, Tensor], fixed: dict[str, Tensor], xw: Tensor,
-                    yw: Tensor, member: Tensor) -> Tensor:
-        losses = example_loss_fn({**train, **fixed}, xw, yw)
-        return (losses * member).sum() / member.sum()
-
-    grad_fn = torch.func.vmap(torch.func.grad(window_loss), in_dims=(0, 0, None, None, 0),
-                              randomness="different")
+    grad_fn = _window_grad(example_loss_fn)
     fast = None
     first = windows[0][0] if windows and windows[0] else None
     if first is not None:
@@ -316,6 +309,23 @@ def _window_steps(
                      else grad_fn(train_p, frozen, xw, yw, member))
             with torch.no_grad():
                 opt.step(train_p, grads)
+
+
+def _masked_mean(losses: Tensor, member: Tensor) -> Tensor:
+    """One model's loss on a shared window: the mean over its own examples (``member``)."""
+    return (losses * member).sum() / member.sum()
+
+
+def _window_grad(example_loss_fn: ExampleLossFn) -> Callable[..., dict[str, Tensor]]:
+    """``(train [M, ...], fixed [M, ...], xw, yw, member [M, t]) -> grads [M, ...]``: every
+    model's gradient of its masked-mean window loss, the whole network under ``vmap``."""
+
+    def window_loss(train: dict[str, Tensor], fixed: dict[str, Tensor], xw: Tensor,
+                    yw: Tensor, member: Tensor) -> Tensor:
+        return _masked_mean(example_loss_fn({**train, **fixed}, xw, yw), member)
+
+    return torch.func.vmap(torch.func.grad(window_loss), in_dims=(0, 0, None, None, 0),
+                           randomness="different")
 
 
 class _InputLayerGrad:
@@ -344,7 +354,7 @@ class _InputLayerGrad:
                 losses = example_loss_fn({**train, **fixed}, xw, yw)
             finally:
                 del self.module.forward
-            return (losses * member).sum() / member.sum()
+            return _masked_mean(losses, member)
 
         self.grad_fn = torch.func.vmap(torch.func.grad(rest_loss, argnums=(0, 2)),
                                        in_dims=(0, 0, 0, None, None, 0),
@@ -413,14 +423,7 @@ def _input_layer(
     try:
         fast = _InputLayerGrad(model, example_loss_fn, (name, module))
         member = member.to(x.device, x.dtype)
-
-        def window_loss(train: dict[str, Tensor], fixed: dict[str, Tensor], xb: Tensor,
-                        yb: Tensor, mb: Tensor) -> Tensor:
-            losses = example_loss_fn({**train, **fixed}, xb, yb)
-            return (losses * mb).sum() / mb.sum()
-
-        plain = torch.func.vmap(torch.func.grad(window_loss), in_dims=(0, 0, None, None, 0))(
-            train_p, frozen, xw, yw, member)
+        plain = _window_grad(example_loss_fn)(train_p, frozen, xw, yw, member)
         got = fast(train_p, frozen, xw, yw, member)
     finally:
         model.train(was_training)
