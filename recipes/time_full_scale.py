@@ -26,20 +26,27 @@ import time
 import torch
 
 
-def mnist_lr_lds(num_models: int, threads: int | None, setting: str = "mnist_lr") -> dict:
+def _setup(setting: str) -> tuple:
+    """``(setting, x, y, model, fns, n_params)``: random data of MNIST's shape (the time does
+    not depend on the pixel values) and the setting's model and functions."""
     from hf_attrib.benchmark.runner import build_model, classification_functions
     from hf_attrib.benchmark.settings import get_setting
-    from hf_attrib.model_utils.retraining import retrain_lds
 
-    if threads:
-        torch.set_num_threads(threads)
     s = get_setting(setting)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(s.n_train, 784, generator=gen)
     y = torch.randint(0, 10, (s.n_train,), generator=gen)
     model = build_model(s)
     fns = classification_functions(model)
-    n_params = sum(p.numel() for p in model.parameters())
+    return s, x, y, model, fns, sum(p.numel() for p in model.parameters())
+
+
+def mnist_lr_lds(num_models: int, threads: int | None, setting: str = "mnist_lr") -> dict:
+    from hf_attrib.model_utils.retraining import retrain_lds
+
+    if threads:
+        torch.set_num_threads(threads)
+    s, x, y, model, fns, n_params = _setup(setting)
     block = max(1, min(250, (64 * 2**20) // (4 * n_params)))  # as runner.prepare
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -64,19 +71,11 @@ def mnist_loo_block(num_models: int, repeats: int, setting: str = "mnist_lr",
     weight gradient of every layer, ``4 * params * examples * epochs`` (the input gradient of
     the first layer is never needed), the same for both paths.
     """
-    from hf_attrib.benchmark.runner import build_model, classification_functions
-    from hf_attrib.benchmark.settings import get_setting
     from hf_attrib.model_utils.retraining import train_stacked
     from hf_attrib.model_utils.subsets import loo_subsets
 
-    s = get_setting(setting)
+    s, x, y, model, fns, n_params = _setup(setting)
     epochs = epochs or s.train.epochs
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(s.n_train, 784, generator=gen)
-    y = torch.randint(0, 10, (s.n_train,), generator=gen)
-    model = build_model(s)
-    fns = classification_functions(model)
-    n_params = sum(p.numel() for p in model.parameters())
     masks = loo_subsets(s.n_train, range(num_models))
     flop = 4 * n_params * (s.n_train - 1) * epochs * num_models
     kw = dict(epochs=epochs, batch_size=s.train.batch_size, lr=s.train.lr,
