@@ -86,6 +86,14 @@ def _inside(folder: Path, name: str, index_name: str) -> Path:
     return target
 
 
+def _weights_stamp(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Where each parameter and buffer lives and how often it was written in place (the
+    version counter autograd keeps): it changes whenever anything loads, steps or replaces
+    the weights, so a loaded checkpoint is known to be still in place without reading it."""
+    return tuple((t.data_ptr(), t._version)
+                 for t in (*model.parameters(), *model.buffers()))
+
+
 def check_state_dict(model: nn.Module, state: Mapping[str, Tensor], label: str) -> None:
     """Check that ``state`` fits ``model``; tied weights may be stored once.
 
@@ -274,6 +282,7 @@ class AttributionTask:
             if isinstance(ckpt, Mapping) and checkpoints_load_func is None:
                 check_state_dict(model, ckpt, f"checkpoint {i}")
         self._loaded: int | None = None
+        self._loaded_stamp: tuple[tuple[int, int], ...] = ()
 
     # -- checkpoints ---------------------------------------------------------------------
     @property
@@ -285,7 +294,10 @@ class AttributionTask:
         if not 0 <= index < self.num_checkpoints:
             raise IndexError(f"checkpoint index {index} out of range "
                              f"(the task has {self.num_checkpoints}).")
-        if self._loaded == index:
+        # The memo holds only while nothing else wrote to the weights: another task sharing
+        # this model (the benchmark's noisy-label task does) or the user's own updates would
+        # otherwise leave another checkpoint's weights in place, silently.
+        if self._loaded == index and self._loaded_stamp == _weights_stamp(self.model):
             return self.model
         ckpt = self.checkpoints[index]
         if self.checkpoints_load_func is not None:
@@ -297,6 +309,7 @@ class AttributionTask:
             check_state_dict(self.model, state, f"checkpoint {index}")
             self.model.load_state_dict(state, strict=False)
         self._loaded = index
+        self._loaded_stamp = _weights_stamp(self.model)
         return self.model
 
     def to(self, device: torch.device | str) -> AttributionTask:

@@ -177,3 +177,21 @@ def test_method_params_reach_the_attributor_and_are_recorded(tmp_path):
     with pytest.raises(KeyError, match="if-magic"):
         run_benchmark("digits-lr", methods=["if-lissa"], out_dir=out, smoke=True,
                       progress=False, params={"if-magic": {"scaling": 1.0}})
+
+
+def test_a_grid_point_scores_as_it_does_alone(tmp_path):
+    """Each grid point's main attribution uses the full-data model, not the noisy-label model
+    the previous point's AUC loaded into the shared model: LiSSA's second grid point (batch
+    50, the default) gives the same LDS and LOO in the grid as alone (it did not: the grid's
+    later points of every single-checkpoint method scored with the noisy model)."""
+    from hf_attrib.benchmark.runner import SEARCH, run_benchmark
+
+    assert SEARCH["if-lissa"][1]["batch_size"] == 50
+    out = tmp_path / "run"
+    grid = run_benchmark("digits-lr", methods=["if-lissa"], out_dir=out, smoke=True,
+                         progress=False, search=True)["methods"][0]["trials"]
+    alone = run_benchmark("digits-lr", methods=["if-lissa"], out_dir=out, smoke=True,
+                          progress=False)["methods"][0]["trials"]
+    assert grid[1]["params"] == alone[0]["params"]
+    for metric in ("lds", "loo", "auc"):
+        assert grid[1][metric] == alone[0][metric], metric

@@ -176,3 +176,44 @@ def test_live_state_dict_checkpoint_survives_loading_another():
     task.load_checkpoint(0)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, first[k])
+
+
+def test_tasks_sharing_a_model_each_get_their_own_weights():
+    """Two tasks on one model (the benchmark's main and noisy-label tasks): after one loads its
+    checkpoint, the other's next call loads its own again, instead of trusting that its
+    last-loaded checkpoint is still in place (it was not: scores came from the other model)."""
+    model, f, loader = _setup()
+    ours = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    theirs = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    a, b = AttributionTask(f, model, ours), AttributionTask(f, model, theirs)
+
+    def flat(state):
+        return torch.cat([state[n].flatten() for n, _ in model.named_parameters()])
+
+    torch.testing.assert_close(a.functions(0).theta, flat(ours), rtol=0, atol=0)
+    torch.testing.assert_close(b.functions(0).theta, flat(theirs), rtol=0, atol=0)
+    torch.testing.assert_close(a.functions(0).theta, flat(ours), rtol=0, atol=0)
+    # and so are the scores: an attributor of `a` run after `b` scores with a's weights
+    fresh = GradDotAttributor(AttributionTask(f, model, ours))
+    fresh.cache(loader)
+    ref = fresh.attribute(loader, loader)
+    b.functions(0)
+    att = GradDotAttributor(a)
+    att.cache(loader)
+    torch.testing.assert_close(att.attribute(loader, loader), ref, rtol=0, atol=0)
+
+
+def test_weights_changed_in_place_are_reloaded():
+    """An optimizer step (or any in-place write) after a load: the checkpoint is loaded again."""
+    model, f, _ = _setup()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    task = AttributionTask(f, model, state)
+    task.functions(0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    torch.testing.assert_close(task.functions(0).theta[: model.weight.numel()],
+                               state["weight"].flatten(), rtol=0, atol=0)
+    model.weight = nn.Parameter(torch.zeros_like(model.weight))  # replaced, not written
+    torch.testing.assert_close(model.weight, torch.zeros_like(model.weight))
+    task.functions(0)
+    torch.testing.assert_close(model.weight.detach(), state["weight"], rtol=0, atol=0)
