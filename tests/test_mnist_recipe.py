@@ -86,3 +86,15 @@ def test_loo_count_per_setting_overrides_the_recipe_wide_one(tmp_path):
     assert ctx("mnist_lr", by_setting).loo_examples is None  # every example
     assert ctx("mnist_lr", {**by_setting, "loo_examples": 100}).loo_examples == 100
     assert ctx("mnist_mlp", {**by_setting, "smoke": True}).loo_examples == 20
+
+
+def test_readme_tables_are_the_committed_results():
+    """The MNIST tables of README.md and recipes/mnist/README.md (and the side-by-side file)
+    are what ``paper_table.py --write`` makes of the committed results files."""
+    tables = _load("mnist_paper_table", ROOT / "recipes" / "mnist" / "paper_table.py")
+    for (name, marker), body in tables.sections(ROOT / "recipes" / "mnist" / "results").items():
+        text = (ROOT / name).read_text()
+        assert tables.replace_section(text, marker, body) == text, f"{name}: {marker}"
+    side = (ROOT / "recipes" / "mnist" / "results" / "paper_side_by_side.md").read_text()
+    assert tables.sections(ROOT / "recipes" / "mnist" / "results")[
+        ("recipes/mnist/README.md", "side-by-side")] in side

@@ -3,6 +3,12 @@
 
     python recipes/mnist/paper_table.py recipes/mnist/results/mnist_lr.json \
         recipes/mnist/results/mnist_mlp.json > recipes/mnist/results/paper_side_by_side.md
+    python recipes/mnist/paper_table.py --write    # also fills the READMEs' tables from them
+
+``--write`` rewrites, from ``recipes/mnist/results/mnist_{lr,mlp}.json``, the marked sections of
+the top-level README (``mnist-lr-table``, ``mnist-mlp-table``), of ``recipes/mnist/README.md``
+(``side-by-side``, ``table4``) and ``results/paper_side_by_side.md``; the tests check that the
+committed files equal what it writes.
 
 The paper prints Figures 2 and 4 (LOO, LDS, AUC) as bar charts without their values; what its
 text states is used here: Table 1's grades ("-" similar to random, "+" better than random, "++"
@@ -100,7 +106,64 @@ def table4(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _compact(row: dict[str, Any], metric: str) -> str:
+    if row.get(metric) is None:
+        return "out of memory" if "MemoryError" in row.get("error", "") else "failed"
+    interval = row.get(f"{metric}_ci")
+    return f"{row[metric]:.3f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def readme_table(results: dict[str, Any]) -> str:
+    """The top-level README's table of a setting: LDS, LOO, AUC with intervals."""
+    mlp = "mlp" in results["setting"]
+    title = (f"MNIST-MLP (784-128-64-10, dropout 0.1; LOO over {results['loo_examples']:,} "
+             "models):" if mlp else "MNIST-LR (logistic regression, 7,840 weights):")
+    lines = [title, "", "| method | LDS | LOO | AUC |", "|---|---|---|---|"]
+    for row in results["methods"]:
+        name = NAMES[row["method"]] + (" (5 ckpts)" if row["method"] == "tracin" else "")
+        lines.append(f"| {name} | " + " | ".join(_compact(row, m) for m in ("lds", "loo", "auc"))
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sections(results_dir: Path) -> dict[tuple[str, str], str]:
+    """``(file, marker) -> text`` of every table ``--write`` fills, from the results files."""
+    lr = json.loads((results_dir / "mnist_lr.json").read_text())
+    mlp = json.loads((results_dir / "mnist_mlp.json").read_text())
+    return {
+        ("README.md", "mnist-lr-table"): readme_table(lr),
+        ("README.md", "mnist-mlp-table"): readme_table(mlp),
+        ("recipes/mnist/README.md", "side-by-side"): side_by_side(lr, "lr") + "\n"
+        + side_by_side(mlp, "mlp") + "\n" + table4(mlp),
+        ("recipes/mnist/README.md", "table4"): table4(mlp),
+    }
+
+
+def replace_section(text: str, marker: str, body: str) -> str:
+    """``text`` with what lies between ``<!-- marker:start -->`` and ``<!-- marker:end -->``
+    replaced by ``body``."""
+    start, end = f"<!-- {marker}:start -->\n", f"<!-- {marker}:end -->"
+    if text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"expected one {start.strip()} ... {end} section")
+    head, rest = text.split(start)
+    return head + start + body + end + rest.split(end, 1)[1]
+
+
+def write(root: Path) -> None:
+    results_dir = root / "recipes" / "mnist" / "results"
+    for (name, marker), body in sections(results_dir).items():
+        path = root / name
+        path.write_text(replace_section(path.read_text(), marker, body))
+    lr = json.loads((results_dir / "mnist_lr.json").read_text())
+    mlp = json.loads((results_dir / "mnist_mlp.json").read_text())
+    (results_dir / "paper_side_by_side.md").write_text(
+        side_by_side(lr, "lr") + "\n" + side_by_side(mlp, "mlp") + "\n" + table4(mlp) + "\n")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--write"]:
+        write(Path(__file__).resolve().parents[2])
+        return
     for path in sys.argv[1:]:
         results = json.loads(Path(path).read_text())
         key = "mlp" if "mlp" in results["setting"] else "lr"
