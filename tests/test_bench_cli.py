@@ -195,3 +195,7 @@ def test_a_grid_point_scores_as_it_does_alone(tmp_path):
     assert grid[1]["params"] == alone[0]["params"]
     for metric in ("lds", "loo", "auc"):
         assert grid[1][metric] == alone[0][metric], metric
+    # every finished setting was logged as it finished (a grid stopped halfway keeps them)
+    logged = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert [t["params"] for t in logged] == [t["params"] for t in grid + alone]
+    assert [t["lds"] for t in logged] == [t["lds"] for t in grid + alone]

@@ -482,7 +482,8 @@ def run_benchmark(
             recorded with each trial's ``params`` (results.json, the table's settings).
 
     Returns:
-        The results (also written to ``out_dir/results.json`` and ``out_dir/results.md``).
+        The results (also written to ``out_dir/results.json`` and ``out_dir/results.md``; each
+        hyperparameter setting is also appended to ``out_dir/trials.jsonl`` as it finishes).
 
     Raises:
         KeyError: an unknown method (in ``methods`` or ``params``).
@@ -578,7 +579,8 @@ def run_benchmark(
         start = time.perf_counter()
         rows.append(_run_method(method, model, fns, full_state, trajectory, lds_models,
                                 setting, train_loader, test_loader, ground_truth, noisy_state,
-                                data, device, search, smoke, overrides.get(method, {})))
+                                data, device, search, smoke, overrides.get(method, {}),
+                                trial_log=out / "trials.jsonl"))
         _say(progress, f"[{i}/{len(methods)}] {method} done in "
                        f"{time.perf_counter() - start:.1f} s: {_outcome(rows[-1])}")
     results = {
@@ -661,10 +663,13 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
                 train_loader: DataLoader, test_loader: DataLoader,
                 ground_truth: dict[str, Any], noisy_state: Any, data: BenchmarkData,
                 device: str, search: bool, smoke: bool = False,
-                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                overrides: Mapping[str, Any] | None = None,
+                trial_log: Path | None = None) -> dict[str, Any]:
     """Evaluate one method: each hyperparameter setting of the grid (``search``) or the
     default, reporting for every metric the best value over the settings, as the paper does.
-    ``overrides`` are laid over every setting (``run_benchmark(params=...)``)."""
+    ``overrides`` are laid over every setting (``run_benchmark(params=...)``); each finished
+    setting is appended to ``trial_log`` (JSON lines), so a long grid stopped halfway keeps
+    what it measured."""
     if method == "tracin":
         checkpoints = trajectory
     elif method.startswith("trak-"):
@@ -708,6 +713,9 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
         except Exception as err:  # one failing setting must not lose the others' results
             trial["error"] = f"{type(err).__name__}: {err}"
         trials.append(trial)
+        if trial_log is not None:
+            with open(trial_log, "a") as f:
+                f.write(json.dumps({"method": method, **trial}) + "\n")
     ok = [t for t in trials if "error" not in t]
     row: dict[str, Any] = {"method": method, "trials": trials}
     if not ok:
