@@ -345,7 +345,9 @@ def stage_attribute(ctx: Context) -> dict[str, Any]:
                                 device=ctx.device, smoke=ctx.smoke, data_dir=ctx.source_dir(),
                                 search=searched(ctx.cfg, ctx.setting_name, method),
                                 progress=ctx.progress, pulled=pulled,
-                                params=method_params(ctx.cfg, ctx.setting_name, method))
+                                params=method_params(ctx.cfg, ctx.setting_name, method),
+                                auc=method not in ctx.cfg.get("no_auc", {}).get(
+                                    ctx.setting_name, []))
         seconds = time.perf_counter() - start
         atomic_write_json(marker, {"seconds": seconds, "row": results["methods"][0]})
         ctx.log("attribute", "method-done", method=method, seconds=round(seconds, 2))

@@ -199,3 +199,14 @@ def test_a_grid_point_scores_as_it_does_alone(tmp_path):
     logged = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
     assert [t["params"] for t in logged] == [t["params"] for t in grid + alone]
     assert [t["lds"] for t in logged] == [t["lds"] for t in grid + alone]
+
+
+def test_auc_can_be_skipped(tmp_path):
+    """``run_benchmark(auc=False)``: no noisy-label model, no AUC, and the results say so."""
+    from hf_attrib.benchmark.runner import run_benchmark
+
+    results = run_benchmark("digits-lr", methods=["grad-dot"], out_dir=tmp_path / "run",
+                            smoke=True, progress=False, auc=False)
+    row = results["methods"][0]
+    assert "auc" not in row and row["auc_skipped"] and results["auc_skipped"]
+    assert "lds" in row and "loo" in row and "auc" not in row["trials"][0]

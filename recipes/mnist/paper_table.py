@@ -60,7 +60,7 @@ def _value(row: dict[str, Any] | None, metric: str) -> str:
         return "failed (" + row["error"].split(":")[0] + ")"
     value = row.get(metric)
     if value is None:
-        return "-"
+        return "not run" if metric == "auc" and row.get("auc_skipped") else "-"
     interval = row.get(f"{metric}_ci")
     return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
@@ -107,6 +107,8 @@ def table4(results: dict[str, Any]) -> str:
 
 
 def _compact(row: dict[str, Any], metric: str) -> str:
+    if metric == "auc" and row.get("auc_skipped"):
+        return "not run"
     if row.get(metric) is None:
         return "out of memory" if "MemoryError" in row.get("error", "") else "failed"
     interval = row.get(f"{metric}_ci")
