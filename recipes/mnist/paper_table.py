@@ -153,13 +153,12 @@ def replace_section(text: str, marker: str, body: str) -> str:
 
 def write(root: Path) -> None:
     results_dir = root / "recipes" / "mnist" / "results"
-    for (name, marker), body in sections(results_dir).items():
+    tables = sections(results_dir)
+    for (name, marker), body in tables.items():
         path = root / name
         path.write_text(replace_section(path.read_text(), marker, body))
-    lr = json.loads((results_dir / "mnist_lr.json").read_text())
-    mlp = json.loads((results_dir / "mnist_mlp.json").read_text())
     (results_dir / "paper_side_by_side.md").write_text(
-        side_by_side(lr, "lr") + "\n" + side_by_side(mlp, "mlp") + "\n" + table4(mlp) + "\n")
+        tables[("recipes/mnist/README.md", "side-by-side")] + "\n")
 
 
 def main() -> None:
