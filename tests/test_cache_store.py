@@ -635,3 +635,23 @@ def test_other_ranks_raise_when_rank_0_failed_even_over_an_old_cache(saved, monk
         other.save_cache(path)
     _as_other_rank(other, monkeypatch, rank0_wrote=True)
     assert other.save_cache(path) == path
+
+
+def test_empty_tensors_round_trip(tmp_path):
+    """A tensor of 0 rows beside a split one (before: ZeroDivisionError in the file plan)."""
+    tensors = {"empty": torch.zeros(0, 4), "a": torch.arange(40.0).reshape(10, 4)}
+    write_cache(tmp_path / "c", tensors, {"num_train": 1}, max_shard_bytes=48)
+    reader = read_cache(tmp_path / "c")
+    for name, value in tensors.items():
+        assert torch.equal(reader.tensor(name), value)
+
+
+def test_a_cache_replaced_after_it_was_read_is_refused(tmp_path):
+    """read_cache hashes every file, tensors are read later: a save_cache replacing the folder
+    in between must not slip its files in under the first manifest (same names, other data)."""
+    write_cache(tmp_path / "c", {"a": torch.zeros(3, 4)}, {"num_train": 1})
+    reader = read_cache(tmp_path / "c")
+    write_cache(tmp_path / "c", {"a": torch.ones(3, 4)}, {"num_train": 1})
+    with pytest.raises(CacheIntegrityError, match="changed on disk after read_cache"):
+        reader.tensor("a")
+    assert torch.equal(read_cache(tmp_path / "c").tensor("a"), torch.ones(3, 4))

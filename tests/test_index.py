@@ -369,3 +369,97 @@ def test_query_featurizing_errors_name_the_query(tmp_path, data):
     bad = DataLoader([{"input_ids": ids, "labels": ids}] * 2, batch_size=2)
     with pytest.raises(ValueError, match="the query loader's first batch"):
         index.query(bad, top_k=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Second review: rows a collate drops, the caller's attributor, fp16 overflow, damaged layout
+# --------------------------------------------------------------------------------------------
+def test_a_collate_that_drops_rows_is_refused_not_stored_as_garbage(tmp_path, data):
+    """A collate_fn keeping 3 of 4 examples: before, the shard's last rows were uninitialised
+    memory and every later row sat one place early (features credited to the wrong ids)."""
+    train, _ = data
+    task = _task()
+    att = task.attributor("grad-dot", projector_kwargs=FACTORED)
+    full, collate = _examples(task, train)
+    dropping = DataLoader(full, batch_size=4, collate_fn=lambda rows: collate(rows[:-1]))
+    with pytest.raises(ValueError, match="yielded 6 examples on this pass but 8"):
+        build(att, dropping, out=tmp_path / "i", shard_rows=8)
+    assert not (tmp_path / "i" / INDEX_FILE).exists()
+
+
+def test_build_and_open_leave_the_callers_attributor_consistent(tmp_path, data):
+    """attribute() on a subset, then an index of the whole set (which sets the attributor's
+    TRAK state from the whole set's kernel), then attribute() on the subset again: the same
+    scores (before: the whole set's kernel inverse with the subset's cached features)."""
+    train, test = data
+    task = _task()
+    att = task.attributor("trak", projector_kwargs=FACTORED)
+    part = task.dataloader(train.select(range(10)), batch_size=4)
+    tests = task.dataloader(test, batch_size=4)
+    first = att.attribute(part, tests)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    assert torch.allclose(att.attribute(part, tests), first, rtol=1e-5, atol=1e-7)
+    Index.open(tmp_path / "i", task=att).scores(test)
+    assert torch.allclose(att.attribute(part, tests), first, rtol=1e-5, atol=1e-7)
+
+
+def test_features_that_overflow_float16_are_refused(tmp_path, data, monkeypatch):
+    """Features beyond float16's 65504 became inf in the shard, and every score of the index
+    NaN (ranked first by query) while the float32 kernel looked healthy."""
+    train, test = data
+    att = _task().attributor("grad-dot", projector_kwargs=FACTORED)
+    real = att.featurize
+    monkeypatch.setattr(att, "featurize",
+                        lambda *a, **k: ((o, f * 1e6) for o, f in real(*a, **k)))
+    with pytest.raises(ValueError, match=r"overflows the index dtype.*bfloat16"):
+        build(att, train, out=tmp_path / "half", shard_rows=8, batch_size=4)
+    build(att, train, out=tmp_path / "single", shard_rows=8, batch_size=4, dtype="float32")
+    assert torch.isfinite(Index.open(tmp_path / "single", task=att).scores(test)).all()
+
+
+def test_an_index_file_whose_shards_miss_rows_is_refused(tmp_path, data):
+    """The index file is the root of trust: rows no shard holds (or a shard with fewer rows
+    than recorded) were scored from uninitialised memory."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_attrib.files import sha256_file
+    from hf_attrib.index.format import FEATURES_KIND
+
+    train, test = data
+    att = _task().attributor("grad-dot", projector_kwargs=FACTORED)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4)
+    path = tmp_path / "i" / INDEX_FILE
+    good = json.loads(path.read_text())
+    bad = json.loads(path.read_text())
+    bad["kinds"][FEATURES_KIND]["num_rows"] = 30
+    path.write_text(json.dumps(bad))
+    with pytest.raises(HubIntegrityError, match="records 30 rows but its shards cover 0:8, "
+                                                "8:16, 16:22"):
+        Index.open(tmp_path / "i", task=att)
+    # shard 2 rewritten with 5 of its 6 rows, its new sha256 recorded: the count is checked
+    shard = tmp_path / "i" / shard_file(2, 3)
+    tensors = {k: v[:5].contiguous() for k, v in load_file(str(shard)).items()}
+    save_file(tensors, str(shard), {"format": builder.INDEX_KIND})
+    good["files"][shard_file(2, 3)].update(size=shard.stat().st_size, sha256=sha256_file(shard))
+    path.write_text(json.dumps(good))
+    with pytest.raises(HubIntegrityError, match=r"holds 5 rows of .* records rows 16:22"):
+        Index.open(tmp_path / "i", task=att).scores(test)
+
+
+def test_text_column_chooses_the_column_tokenised(tmp_path):
+    """A dataset with both ``text`` and ``review``: ``text_column="review"`` featurizes the
+    reviews (before: ``text`` was tokenised while the card and the texts said ``review``)."""
+    texts, reviews = random_texts(12, 3), random_texts(12, 4)
+    train = Dataset.from_dict({"text": texts, "review": reviews})
+    task = _task()
+    att = task.attributor("grad-dot", projector_kwargs=FACTORED)
+    build(att, train, out=tmp_path / "i", shard_rows=8, batch_size=4, text_column="review")
+    index = Index.open(tmp_path / "i", task=att, dataset=train)
+    query = random_texts(2, 5)
+    ref = att.attribute(task.dataloader(Dataset.from_dict({"text": reviews}), batch_size=4),
+                        task.dataloader(Dataset.from_dict({"text": query}), batch_size=4))
+    assert (index.scores(query) - ref).abs().max() <= 2e-3 * ref.abs().max()
+    assert index.query(query, top_k=2).texts[0][0] in reviews
+    with pytest.raises(ValueError, match="give one column"):
+        build(att, train, out=tmp_path / "j", text_column="review",
+              dataloader_kwargs={"text_column": "text"})

@@ -634,14 +634,26 @@ class FeatureAttributor(BaseAttributor):
         ``Phi^T Phi`` (float64 ``[width, width]``, summed by the caller over the training set;
         ``None`` when ``needs_kernel`` is false) instead of a pass over a train loader, and
         return it as the named tensors ``save_cache`` stores (``{}``: no state)."""
+        self._forget_training_set()
         fns = self.task.functions(checkpoint, self.layer_name)
         self._states[checkpoint] = state = self._state_from_kernel(fns, kernel)
         return {} if state is None else dict(self._state_tensors(checkpoint, state) or {})
 
     def restore_state(self, checkpoint: int, tensors: Mapping[str, Tensor]) -> None:
         """Set a checkpoint's query-time state from the tensors ``state_from_kernel`` returned."""
+        self._forget_training_set()
         self._states[checkpoint] = (self._state_from_tensors(checkpoint, dict(tensors))
                                     if tensors else None)
+
+    def _forget_training_set(self) -> None:
+        """Unbind the training set ``cache`` or ``load_cache`` gave (its features, loader and
+        count): a state set from another set's kernel must not be paired with them, so the next
+        ``attribute`` or ``self_attribute`` caches its loader afresh."""
+        self._loaded_n = None
+        self._cache_loader = None
+        self._hessian_loader = None
+        self._train_cache.clear()
+        self._rebuild = []
 
     def query_transform(self, checkpoint: int, test_features: Tensor) -> Tensor:
         """The test side of a score, ``w_c T_c(v)``: test features ``[m, width]`` mapped
@@ -660,7 +672,8 @@ class FeatureAttributor(BaseAttributor):
 
     # -- public API --------------------------------------------------------------------------
     def featurize(self, loader: DataLoader, checkpoint: int = 0, kind: str | None = None,
-                  role: str = "train") -> Iterator[tuple[int, Tensor]]:
+                  role: str = "train", expected: int | None = None
+                  ) -> Iterator[tuple[int, Tensor]]:
         """Stream ``(offset, features [B, width])`` of every batch of ``loader``, nothing kept.
 
         The features are those ``cache`` stores for training examples (``kind=None``: the
@@ -672,12 +685,16 @@ class FeatureAttributor(BaseAttributor):
             checkpoint: which checkpoint's gradients.
             kind: ``"loss"``, ``"target"`` or ``None`` (``self.train_kind``).
             role: what the loader is, in error messages (``"train"``, ``"query"``...).
+            expected: the number of examples the caller sized its results for; a pass that
+                yields another number (a ``collate_fn`` dropping rows) raises ``ValueError``
+                instead of leaving rows unwritten or shifted.
         """
         kind = self.train_kind if kind is None else kind
         if kind not in ("loss", "target"):
             raise ValueError(f"kind must be 'loss', 'target' or None, got {kind!r}.")
         fns = self.task.functions(checkpoint, self.layer_name)
-        for offset, batch in self._batches(loader, role, f"features (ckpt {checkpoint})"):
+        for offset, batch in self._batches(loader, role, f"features (ckpt {checkpoint})",
+                                           expected=expected):
             yield offset, self._features(fns, batch, kind, offset, role)
 
     @property
@@ -686,15 +703,17 @@ class FeatureAttributor(BaseAttributor):
         ``1 - p(correct)``), which ``row_factors`` streams."""
         return self._uses_row_factor
 
-    def row_factors(self, loader: DataLoader, checkpoint: int = 0
+    def row_factors(self, loader: DataLoader, checkpoint: int = 0, expected: int | None = None
                     ) -> Iterator[tuple[int, Tensor]]:
         """Stream ``(offset, factor [B])``: checkpoint ``checkpoint``'s per-example factor of
         every batch of the training ``loader`` (``attribute`` multiplies each row of scores by
-        its mean over checkpoints); nothing when ``has_row_factors`` is false."""
+        its mean over checkpoints); nothing when ``has_row_factors`` is false. ``expected`` as
+        in ``featurize``."""
         if not self._uses_row_factor:
             return
         fns = self.task.functions(checkpoint, self.layer_name)
-        for offset, batch in self._batches(loader, "train", f"row factors (ckpt {checkpoint})"):
+        for offset, batch in self._batches(loader, "train", f"row factors (ckpt {checkpoint})",
+                                           expected=expected):
             factor = self._row_factor(fns, batch)
             assert factor is not None
             yield offset, factor
@@ -706,11 +725,8 @@ class FeatureAttributor(BaseAttributor):
         ``attribute``/``self_attribute`` calls with this same loader reuse its features.
         """
         check_loader(train_loader, "train")
-        self._loaded_n = None  # a cache restored by load_cache is replaced
-        self._cache_loader = None
-        self._train_cache.clear()
+        self._forget_training_set()  # a cache restored by load_cache is replaced
         self._states.clear()
-        self._hessian_loader = None
         self._n_cache = count_examples(train_loader)
         self._hessian_loader = train_loader
         for c in range(self.task.num_checkpoints):

@@ -295,7 +295,7 @@ def _plan(tensors: Mapping[str, Tensor], max_bytes: int
             step = max(1, max_bytes // max(1, nbytes // rows))
             pieces = [(name, f"{name}@{i}", start, min(start + step, rows))
                       for i, start in enumerate(range(0, rows, step))]
-        row_bytes = nbytes // rows
+        row_bytes = nbytes // max(1, rows)  # a tensor of 0 rows is one empty piece
         for piece in pieces:
             size = (piece[3] - piece[2]) * row_bytes
             if files[-1] and used + size > max_bytes:
@@ -346,10 +346,11 @@ class CacheReader:
         manifest: the parsed ``cache.json``.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], files: dict[str, Path]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any],
+                 files: dict[str, tuple[Path, FileStamp]]) -> None:
         self.path = path
         self.manifest = manifest
-        self._files = files
+        self._files = files  # name -> (path, its stamp when its sha256 was checked)
 
     def names(self) -> list[str]:
         """Names of the tensors in the cache."""
@@ -389,7 +390,12 @@ class CacheReader:
     def _part(self, part: Mapping[str, Any], device: torch.device | str) -> Tensor:
         from safetensors import safe_open
 
-        with safe_open(str(self._files[part["file"]]), framework="pt",
+        path, stamp = self._files[part["file"]]
+        if _stamp(path) != stamp:
+            raise CacheIntegrityError(
+                f"{path} changed on disk after read_cache checked its sha256 (another "
+                "save_cache replaced the folder?), so it is not read: load the cache again.")
+        with safe_open(str(path), framework="pt",
                        device=str(device)) as f:
             if part["key"] not in set(f.keys()):
                 raise CacheIntegrityError(
@@ -477,19 +483,34 @@ def _check_manifest(manifest: Any, source: Path) -> None:
                          f"names to their dtype, shape and parts. {_REBUILD}")
 
 
-def _verified(folder: Path, name: str, entry: Mapping[str, Any]) -> Path:
-    """``folder / name``, refused unless it is a tensor file directly inside ``folder`` (after
-    resolving symbolic links) whose size and sha256 are those recorded."""
+#: What identifies one version of a file: device, inode, size and modification time.
+FileStamp = tuple[int, int, int, int]
+
+
+def _stamp(path: Path) -> FileStamp | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _verified(folder: Path, name: str, entry: Mapping[str, Any]) -> tuple[Path, FileStamp]:
+    """``folder / name`` and its stamp, refused unless it is a tensor file directly inside
+    ``folder`` (after resolving symbolic links) whose size and sha256 are those recorded. The
+    stamp is taken before hashing, so a file replaced since (a concurrent ``save_cache``) is
+    refused when read."""
     target = resolved_inside(folder, name) if _TENSOR_FILE.fullmatch(name) else None
     if target is None or target.parent != folder.resolve():
         raise CacheIntegrityError(
             f"{MANIFEST_NAME} in {folder} names the file {name!r}, which is not a tensor file "
             "inside the cache folder (a path, '..', or a link leading out); a cache may only "
             f"name its own tensors-NNNNN-of-NNNNN.safetensors files. {_REBUILD}")
-    if not target.is_file():
+    stamp = _stamp(target) if target.is_file() else None
+    if stamp is None:
         raise CacheIntegrityError(f"cache file {name} is missing from {folder}. {_REBUILD}")
     if not file_matches(target, entry["size"], entry["sha256"]):
         raise CacheIntegrityError(
             f"cache file {name} ({target}) does not match the size/sha256 recorded in "
             f"{MANIFEST_NAME}: it was corrupted or edited after save_cache. {_REBUILD}")
-    return target
+    return target, stamp

@@ -224,7 +224,8 @@ def featurize_shard(attributor: FeatureAttributor, loader: DataLoader, indices: 
     num_checkpoints = attributor.task.num_checkpoints
     for c in range(num_checkpoints):
         buf: Tensor | None = None
-        for offset, feats in attributor.featurize(sub, checkpoint=c):
+        # ``expected``: every row of ``buf`` written, each at its own example's place
+        for offset, feats in attributor.featurize(sub, checkpoint=c, expected=len(indices)):
             if buf is None:
                 buf = torch.empty(len(indices), feats.shape[1], dtype=torch.float32)
             buf[offset:offset + feats.shape[0]] = feats.detach().float().cpu()
@@ -234,7 +235,7 @@ def featurize_shard(attributor: FeatureAttributor, loader: DataLoader, indices: 
             kernels[features_key(c)] = buf.double().T @ buf.double()
         if attributor.has_row_factors:
             factor = torch.empty(len(indices), dtype=torch.float32)
-            for offset, f in attributor.row_factors(sub, checkpoint=c):
+            for offset, f in attributor.row_factors(sub, checkpoint=c, expected=len(indices)):
                 factor[offset:offset + f.shape[0]] = f.detach().float().cpu()
             # the same operations, in the same order, as FeatureAttributor.attribute
             factor = factor / num_checkpoints
@@ -350,6 +351,19 @@ def _same_inputs(receipt: Mapping[str, Any], loader: DataLoader, indices: list[i
     return False
 
 
+def _narrowed(features: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """``features`` cast to the index's ``dtype``, refused if the cast overflowed: float16
+    holds at most 65504, and an inf feature would make every score of its row NaN."""
+    out = features.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        top = features.abs().max().item()
+        raise ValueError(
+            f"features {name!r} reach {top:.3g}, which overflows the index dtype {dtype}: "
+            "build with dtype='bfloat16' or 'float32' (or scale the loss down, e.g. a mean "
+            "instead of a sum over tokens).")
+    return out
+
+
 def _write_shard(out: Path, shard: int, count: int, features: dict[str, Tensor],
                  kernels: dict[str, Tensor], row_factor: Tensor | None, indices: list[int],
                  dtype: torch.dtype, plan_sha: str, inputs_sha: str, hashes: FileHashes
@@ -357,7 +371,7 @@ def _write_shard(out: Path, shard: int, count: int, features: dict[str, Tensor],
     """Write a shard, its kernel share, then its receipt (last: a receipt means both are
     complete)."""
     name = shard_file(shard, count)
-    tensors = {k: v.to(dtype) for k, v in features.items()}
+    tensors = {k: _narrowed(v, dtype, k) for k, v in features.items()}
     tensors["example_id"] = torch.tensor(indices, dtype=torch.int64)
     if row_factor is not None:  # float32 whatever the features' dtype: a factor of scores
         tensors[ROW_FACTOR] = row_factor.float()
@@ -502,6 +516,11 @@ def build(task_or_attributor: AttributionTask | FeatureAttributor, train: Any, *
         raise ValueError(f"shard_rows must be >= 1, got {shard_rows}.")
     attributor = resolve_attributor(task_or_attributor, method, method_kwargs)
     loader_kwargs = dict(dataloader_kwargs or {})
+    # the column recorded for texts is the one tokenised, not a guess beside it
+    if (text_column is not None and not isinstance(train, DataLoader)
+            and loader_kwargs.setdefault("text_column", text_column) != text_column):
+        raise ValueError(f"text_column={text_column!r} but dataloader_kwargs tokenise "
+                         f"{loader_kwargs['text_column']!r}: give one column.")
     loader = _train_loader(attributor, train, batch_size, loader_kwargs)
     indices = _example_indices(loader)
     n = len(indices)

@@ -76,7 +76,8 @@ class Index:
         self.dataset = dataset
         self.num_rows = int(index["kinds"][FEATURES_KIND]["num_rows"])
         self.rows = parse_rows(rows, self.num_rows)
-        self._shards = index["kinds"][FEATURES_KIND]["shards"]
+        self._shards = _checked_layout(index["kinds"][FEATURES_KIND]["shards"], self.num_rows,
+                                       path)
         # shard file -> (its confined path, (size, mtime) when its sha256 was checked)
         self._verified: dict[str, tuple[Path, tuple[int, int]]] = {}
 
@@ -187,7 +188,14 @@ class Index:
                 "modification time differ), so it is not read: open the index again "
                 "(Index.open) to check it anew, and if you did not change it, rebuild or pull "
                 "the index again.")
-        return mmap_tensor(path, name)
+        tensor = mmap_tensor(path, name)
+        rows = entry["stop"] - entry["start"]
+        if tensor.shape[0] != rows:
+            raise HubIntegrityError(
+                f"{self.path / file} holds {tensor.shape[0]} rows of {name!r} but the index "
+                f"records rows {entry['start']}:{entry['stop']} ({rows}) for it: the index file "
+                "and its shards do not belong together; rebuild or pull the index again.")
+        return tensor
 
     def _blocks(self, tests: list[Tensor], rows: range) -> Iterator[tuple[range, Tensor]]:
         """``(rows, scores [len(rows), m])`` shard by shard over ``rows``."""
@@ -310,7 +318,8 @@ class Index:
                             "(this task has no dataloader() for texts or datasets).")
         # tokenised as the training set was (its truncation), whatever the tokenizer's default
         recorded = (self.meta["features"].get("dataloader") or {}).get("kwargs") or {}
-        extra = {k: recorded[k] for k in ("max_length",) if recorded.get(k) is not None}
+        extra = {k: recorded[k] for k in ("max_length", "text_column")
+                 if recorded.get(k) is not None}
         return maker(test, batch_size=batch_size, **extra)
 
 
@@ -349,3 +358,21 @@ def _query_attributor(meta: Mapping[str, Any], task: Any, model: Any,
         kwargs["device"] = device
     return resolve_attributor(task, meta["method"]["name"], kwargs)
 
+
+def _checked_layout(shards: list[Mapping[str, Any]], num_rows: int, path: Path
+                    ) -> list[Mapping[str, Any]]:
+    """``shards`` if they cover rows ``0:num_rows`` in order, without gap or overlap: the index
+    file is the root of trust, and a row no shard holds would be scored as garbage."""
+    expected = 0
+    for entry in shards:
+        if entry["start"] != expected or entry["stop"] <= entry["start"]:
+            break
+        expected = entry["stop"]
+    else:
+        if expected == num_rows:
+            return shards
+    spans = ", ".join(f"{e['start']}:{e['stop']}" for e in shards)
+    raise HubIntegrityError(
+        f"the index at {path} records {num_rows} rows but its shards cover {spans or 'none'}: "
+        "they must run from 0 to num_rows without gaps; the index file is damaged, so rebuild "
+        "or pull the index again.")
