@@ -103,12 +103,16 @@ def _hub_push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hf_attrib.hub import push
-    from hf_attrib.hub.layout import CHECKPOINTS_SUFFIX
+    from hf_attrib.hub.layout import CHECKPOINTS_SUFFIX, check_folder
 
     folder = Path(args.folder)
     if (folder / "dataset").is_dir() and (folder / "checkpoints").is_dir():
-        targets = [(folder / "dataset", args.repo_id, "dataset"),
-                   (folder / "checkpoints", args.repo_id + CHECKPOINTS_SUFFIX, "model")]
+        # Both checked before either is sent. The dataset repo names the checkpoints repo's
+        # files, so readers refuse the mixed pair a stop between the pushes would leave.
+        targets = [(folder / "checkpoints", args.repo_id + CHECKPOINTS_SUFFIX, "model"),
+                   (folder / "dataset", args.repo_id, "dataset")]
+        for path, _, _ in targets:
+            check_folder(path)
     else:
         targets = [(folder, args.repo_id, args.repo_type)]
     for path, repo_id, repo_type in targets:

@@ -412,7 +412,7 @@ def push_blocker(endpoint: str | None, timeout: float = 10.0) -> str | None:
 
 
 def stage_push(ctx: Context) -> dict[str, Any]:
-    from hf_attrib.hub.layout import checkpoints_repo_id, dataset_repo_id
+    from hf_attrib.hub.layout import check_folder, checkpoints_repo_id, dataset_repo_id
     from hf_attrib.hub.transfer import push, push_results
 
     _require(ctx, "push", "evaluate")
@@ -422,12 +422,16 @@ def stage_push(ctx: Context) -> dict[str, Any]:
                            f"{ctx.root / 'results'}; to upload them later, rerun with "
                            f"`--stage push` where the Hub is reachable.")
     org = ctx.cfg["org"]
-    steps = [("dataset", lambda: push(ctx.root / "export" / "dataset",
-                                      dataset_repo_id(ctx.setting_name, org), "dataset",
-                                      endpoint=ctx.endpoint)),
-             ("checkpoints", lambda: push(ctx.root / "export" / "checkpoints",
+    for repo in ("checkpoints", "dataset"):  # both whole before either is sent
+        check_folder(ctx.root / "export" / repo)
+    # The dataset repo names its checkpoints repo's files, so readers refuse the mixed pair a
+    # stop between the two pushes leaves (until this stage is run again).
+    steps = [("checkpoints", lambda: push(ctx.root / "export" / "checkpoints",
                                           checkpoints_repo_id(ctx.setting_name, org), "model",
                                           endpoint=ctx.endpoint)),
+             ("dataset", lambda: push(ctx.root / "export" / "dataset",
+                                      dataset_repo_id(ctx.setting_name, org), "dataset",
+                                      endpoint=ctx.endpoint)),
              ("results", lambda: push_results(ctx.root / "results" / "results.json",
                                               ctx.cfg["results_repo"], endpoint=ctx.endpoint))]
     info: dict[str, Any] = {"endpoint": ctx.endpoint or os.environ.get("HF_ENDPOINT")}

@@ -205,6 +205,50 @@ def test_re_export_is_byte_identical_and_its_push_makes_no_commit(pushed, export
                      pushed.head("model", "org/digits-lr-checkpoints"))
 
 
+def test_dataset_and_checkpoints_of_two_exports_are_refused(exported, tmp_path):
+    """A dataset repo beside the checkpoints repo of another export (a push or pull stopped
+    between the two): the ground truth would score models it was not computed from."""
+    from hf_attrib.hub.benchmark import pull_benchmark
+
+    out, first = exported
+    other = export("digits-lr", tmp_path / "other", gt_dir=out / "ground_truth", smoke=True,
+                   shard_models=4)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(first.dataset_dir, mixed / "dataset")
+    shutil.copytree(other.checkpoints_dir, mixed / "checkpoints")
+    with pytest.raises(HubIntegrityError, match="not of one export"):
+        load_benchmark("digits-lr", mixed)
+    with pytest.raises(HubIntegrityError, match="not of one export"):
+        pull_benchmark(mixed)
+    assert load_benchmark("digits-lr", tmp_path / "other").ground_truth is not None
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(exported, tmp_path, monkeypatch):
+    import importlib
+
+    export_module = importlib.import_module("hf_attrib.hub.export")  # the package's export()
+    out, _ = exported                                                 # shadows the attribute
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = {p.relative_to(copy).as_posix(): sha256_file(p)
+              for p in sorted(copy.rglob("*")) if p.is_file()}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("stopped while writing the cards")
+
+    monkeypatch.setattr(export_module, "checkpoints_card", fail)
+    with pytest.raises(RuntimeError, match="stopped"):
+        export("digits-lr", copy, smoke=True, shard_models=4)
+    kept = {p.relative_to(copy).as_posix(): sha256_file(p)
+            for p in sorted(copy.rglob("*")) if p.is_file() and not p.relative_to(
+                copy).parts[0].startswith(".")}
+    assert kept == before
+    monkeypatch.undo()
+    export("digits-lr", copy, smoke=True, shard_models=4)
+    assert not list(copy.glob(".*.partial-*"))  # the stopped export's staging is cleared
+    assert load_benchmark("digits-lr", copy).checkpoints
+
+
 def test_partial_pull_fetches_only_the_shards_holding_the_models(pushed, exported, tmp_path):
     _, result = exported
     pushed.requests.clear()
@@ -231,6 +275,20 @@ def test_partial_pull_fetches_only_the_shards_holding_the_models(pushed, exporte
     assert ids.tolist() == [1, 2] and params["classifier.weight"].shape[0] == 2
     with pytest.raises(HubNotFoundError, match=r"lds/shard-00002-of-00004.*--models 4:6"):
         read_checkpoints(got.checkpoints_dir, "lds", "4:6")
+
+
+def test_a_model_range_beyond_a_smaller_kind_pulls_the_kinds_that_hold_it(pushed, tmp_path):
+    """8 LDS and 20 LOO models: --models 10:12 without --kinds pulls LOO shard 5 (and no LDS
+    shard) instead of failing on the LDS kind; a range no kind holds is still an error."""
+    got = pull("org/digits-lr", what=("checkpoints",), models="10:12", out=tmp_path / "p",
+               endpoint=pushed.endpoint)
+    shards = sorted(p.relative_to(got.checkpoints_dir).as_posix()
+                    for p in got.checkpoints_dir.rglob("shard-*") if ".cache" not in p.parts)
+    assert shards == ["loo/shard-00005-of-00010.safetensors"]
+    with pytest.raises(ValueError, match=r"models 30:40 outside every kind of stacked "
+                                         r"models \(8 lds, 20 loo\)"):
+        pull("org/digits-lr", what=("checkpoints",), models="30:40", out=tmp_path / "q",
+             endpoint=pushed.endpoint)
 
 
 # ---------------------------------------------------------------------------------- results

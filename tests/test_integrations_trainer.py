@@ -189,3 +189,29 @@ def test_peft_adapter_folder_and_adapter_checkpoints(tmp_path):
     other.load_checkpoint(1)
     name = task.layer_name[0]
     torch.testing.assert_close(dict(other.model.named_parameters())[name], loaded[name])
+
+
+def test_peft_full_checkpoints_must_fill_the_model():
+    """A base model's state dict (names without ``base_model.model.``) loaded nothing into the
+    PEFT model, silently: every checkpoint scored with the weights already there."""
+    model = _lora_model()
+    other = _lora_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    own = {k: v.clone() for k, v in other.state_dict().items()}
+    task = task_from_pretrained(model, "causal-lm", processor=char_tokenizer(),
+                                checkpoints=[own, own])
+    task.load_checkpoint(1)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(p, own[name])
+    base = {k: v.clone() for k, v in tiny_gpt2(seed=1).state_dict().items()}
+    task = task_from_pretrained(_lora_model(), "causal-lm", processor=char_tokenizer(),
+                                checkpoints=[base, base])
+    with pytest.raises(ValueError, match=r"does not match the PEFT model.*not from the base"):
+        task.load_checkpoint(1)
+    partial = {k: v for k, v in own.items() if "lora_A" not in k}
+    task = task_from_pretrained(_lora_model(), "causal-lm", processor=char_tokenizer(),
+                                checkpoints=[partial, partial])
+    with pytest.raises(ValueError, match=r"weights it lacks.*lora_A"):
+        task.load_checkpoint(1)

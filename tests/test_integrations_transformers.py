@@ -17,6 +17,7 @@ from torch.utils.data import SequentialSampler
 from transformers import (
     BertForMaskedLM,
     BertForTokenClassification,
+    GPT2ForSequenceClassification,
     GPT2Model,
     ViTConfig,
     ViTForImageClassification,
@@ -116,9 +117,20 @@ def test_image_classification_loss_matches_model():
 # --------------------------------------------------------------------------------------------
 # Padding invariance under vmap (per-example gradients)
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["causal-lm", "sequence-classification"])
+def _gpt2_classifier(pad_token_id: int | None = 0) -> GPT2ForSequenceClassification:
+    """A decoder classifier: it scores the last token that is not ``pad_token_id``."""
+    torch.manual_seed(0)
+    config = tiny_gpt2().config
+    config.num_labels, config.pad_token_id = 3, pad_token_id
+    return GPT2ForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "sequence-classification", "decoder-classifier"])
 def test_padding_does_not_change_per_example_gradients(kind):
-    model = tiny_gpt2() if kind == "causal-lm" else tiny_bert()
+    model = {"causal-lm": tiny_gpt2, "sequence-classification": tiny_bert,
+             "decoder-classifier": _gpt2_classifier}[kind]()
+    decoder = kind == "decoder-classifier"
+    kind = "sequence-classification" if decoder else kind
     task = task_from_pretrained(model, kind, layers="last:1")
     fns = task.functions(0, task.layer_name)
     ids = torch.randint(4, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
@@ -139,8 +151,12 @@ def test_padding_does_not_change_per_example_gradients(kind):
         assert not torch.allclose(in_batch[1], grads[0], atol=1e-3)
     # the unmasked padding would change the gradient: the mask really is applied
     unmasked = dict(batch, attention_mask=torch.ones_like(mask))
-    if kind == "sequence-classification":
+    if kind == "sequence-classification" and not decoder:
         changed = per_sample_grad(fns.loss, fns.theta, unmasked)[0]
+        assert not torch.allclose(changed, grads[0], atol=1e-4)
+    if decoder:  # what the refused config does: the padded example scored from a pad token
+        model.config.pad_token_id = None
+        changed = per_sample_grad(fns.loss, fns.theta, batch)[0]
         assert not torch.allclose(changed, grads[0], atol=1e-4)
 
 
@@ -290,6 +306,15 @@ def test_batch_without_labels_is_refused():
                              processor=char_tokenizer()).dataloader(train)
 
 
+def test_decoder_classifier_without_pad_token_id_is_refused():
+    """Without config.pad_token_id GPT-2's classifier takes the last position of a batch of
+    one (a per-example gradient): a right-padded example was classified from padding."""
+    with pytest.raises(ValueError, match=r"GPT2ForSequenceClassification's config has no "
+                                         r"pad_token_id.*model.config.pad_token_id ="):
+        task_from_pretrained(_gpt2_classifier(None), "sequence-classification",
+                             processor=char_tokenizer())
+
+
 def test_tokenizer_without_pad_token_is_refused():
     tok = char_tokenizer(pad=False)
     train, _ = text_datasets(n_train=3, duplicates=(0,))
@@ -299,6 +324,45 @@ def test_tokenizer_without_pad_token_is_refused():
     tok.pad_token = tok.eos_token  # the suggested fix works
     batch = next(iter(task.dataloader(train, batch_size=3)))
     assert batch["input_ids"].shape[0] == 3
+
+
+def test_causal_lm_labels_keep_real_eos_tokens_when_pad_is_eos():
+    """With the suggested pad_token = eos_token, a real end-of-sequence token is labelled like
+    any token (DataCollatorForLanguageModeling masked it with the padding), as the stacking
+    collator of equal-length examples does."""
+    tok = char_tokenizer(pad=False)
+    tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    task = task_from_pretrained(tiny_gpt2(), "causal-lm", processor=tok)
+    texts = Dataset.from_dict({"text": ["ab" + tok.eos_token, "abcd" + tok.eos_token]})
+    batch = next(iter(task.dataloader(texts, batch_size=2)))
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids[0, 2] == eos and ids[0, 3:].eq(eos).all()  # its eos, then padding (also eos)
+    assert labels[0].tolist() == [*ids[0, :3].tolist(), -100, -100]
+    assert labels[1].tolist() == ids[1].tolist()
+    alone = next(iter(task.dataloader(texts.select([0]), batch_size=1)))
+    assert alone["labels"][0].tolist() == labels[0, :3].tolist()
+
+
+def test_word_level_token_labels_are_refused():
+    """Word labels beside sub-word tokens were padded with -100 and paired word i with
+    token i (the [CLS] token first), silently."""
+    model = BertForTokenClassification(tiny_bert_config(num_labels=2)).eval()
+    task = task_from_pretrained(model, "token-classification", processor=char_tokenizer())
+    words = Dataset.from_dict({"text": ["ab cd", "abc de"], "labels": [[0, 1], [1, 0]]})
+    with pytest.raises(ValueError, match=r"one label per token, but example 0 has 2 labels "
+                                         r"for 5 tokens.*word_ids"):
+        task.dataloader(words)
+
+
+def test_a_class_label_column_is_not_a_language_models_labels():
+    """A 'label' column beside the text (a classification dataset) is not the LM's labels."""
+    train = Dataset.from_dict({"text": ["abc", "abcde"], "label": [0, 1]})
+    task = task_from_pretrained(tiny_gpt2(), "causal-lm", processor=char_tokenizer())
+    batch = next(iter(task.dataloader(train, batch_size=2)))
+    assert batch["labels"].shape == batch["input_ids"].shape
+    assert torch.isfinite(task.attributor("grad-dot").self_attribute(
+        task.dataloader(train, batch_size=2))).all()
 
 
 def test_unknown_layer_names_are_refused():

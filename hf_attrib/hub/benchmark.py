@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hf_attrib.benchmark.data import split_tensors
 from hf_attrib.hub.errors import HubIntegrityError, HubNotFoundError
-from hf_attrib.hub.layout import DEFAULT_ORG, read_index, verified_path
+from hf_attrib.hub.layout import DEFAULT_ORG, check_same_export, read_index, verified_path
 from hf_attrib.model_utils.block_store import (
     OPEN_END,
     merge_stacked,
@@ -265,6 +265,7 @@ def load_benchmark(setting: str, source: str | Path | None = None, *,
                                      token=token, org=org, cache_dir=cache_dir)
     if ds_dir is None or ck_dir is None:
         raise HubNotFoundError(f"{source} needs both the dataset and the checkpoint repo.")
+    check_same_export(ds_dir, ck_dir)
     gt = read_ground_truth(ds_dir)
     if gt.meta.get("setting") != base.name:
         raise ValueError(f"{ds_dir} holds setting {gt.meta.get('setting')!r}, not {base.name!r}.")
@@ -331,6 +332,7 @@ def pull_benchmark(source: str | Path, *, ensemble_models: int = 0,
     if ds_dir is None or ck_dir is None:
         raise FileNotFoundError(f"{source} must hold both the dataset and the checkpoint repo "
                                 "(pull both: `hf-attrib hub pull SETTING --out DIR`).")
+    check_same_export(ds_dir, ck_dir)
     gt = read_ground_truth(ds_dir)
     splits = read_splits(ds_dir)
     data = BenchmarkData(train=splits["train"], test=splits["test"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from hf_attrib.benchmark.stacked import (
     train_model,
     unstack,
 )
+from hf_attrib.files import replace_folder, restore_replaced_folder
 from hf_attrib.hub.cards import checkpoints_card, dataset_card
 from hf_attrib.hub.errors import HubPathError
 from hf_attrib.hub.layout import (
@@ -40,10 +42,12 @@ from hf_attrib.hub.layout import (
     GROUND_TRUTH_FORMAT,
     INDEX_FILE,
     INDEX_FORMAT,
+    PAIR_KEY,
     check_folder,
     checkpoints_repo_id,
     dataset_repo_id,
     file_entry,
+    files_digest,
     save_safetensors,
     shard_name,
 )
@@ -183,13 +187,21 @@ def export(
     lds_targets = evaluate_models(model, (lds_params, lds_buffers), prep.xt, prep.yt,
                                    fns["target"])
 
-    dataset_dir, ckpt_dir = out / "dataset", out / "checkpoints"
-    for folder in (dataset_dir, ckpt_dir):
-        if folder.is_symlink():  # rmtree refuses links; never write through one
+    final = {"dataset": out / "dataset", "checkpoints": out / "checkpoints"}
+    for folder in final.values():
+        restore_replaced_folder(folder)  # an export killed between its renames
+        if folder.is_symlink():  # never write through a link
             raise HubPathError(f"{folder} is a symbolic link: export writes real folders "
                                "under --out; remove the link or pick another --out.")
-        if folder.exists():
-            shutil.rmtree(folder)
+    # Written aside and renamed into place at the end: a killed export leaves the previous
+    # one whole (and its staging folders, removed here by the next export), never a new
+    # dataset repo beside an old or half-written checkpoints repo.
+    for name in final:
+        for left in out.glob(f".{name}.partial-*"):
+            shutil.rmtree(left)
+    tag = uuid.uuid4().hex[:8]
+    dataset_dir, ckpt_dir = out / f".dataset.partial-{tag}", out / f".checkpoints.partial-{tag}"
+    for folder in (dataset_dir, ckpt_dir):
         folder.mkdir(parents=True)
     index: dict[str, Any] = {
         "format": INDEX_FORMAT, "setting": s.name, "smoke": smoke, "kind": s.kind,
@@ -268,17 +280,23 @@ def export(
                   metadata={"format": CHECKPOINTS_FORMAT, "kind": "noisy"})
         kinds["noisy"] = {"file": "noisy/model.safetensors", "num_models": 1}
 
-    # Indexes (with every file's hash) and cards. -----------------------------------------
-    for folder, repo in ((dataset_dir, "dataset"), (ckpt_dir, "model")):
+    # Indexes (with every file's hash) and cards; the checkpoints repo's first, as the
+    # dataset index records its file list (readers refuse repos of two exports). ----------
+    pair: dict[str, Any] = {}
+    for folder, repo in ((ckpt_dir, "model"), (dataset_dir, "dataset")):
         files = {p.relative_to(folder).as_posix(): file_entry(p)
                  for p in sorted(folder.rglob("*")) if p.is_file()}
-        entry = {**index, "repo_type": repo, "files": files}
+        entry = {**index, **pair, "repo_type": repo, "files": files}
         if repo == "model":
             entry["kinds"] = kinds
+            pair = {PAIR_KEY: files_digest(entry)}
         (folder / INDEX_FILE).write_text(json.dumps(entry, indent=1))
         card = (dataset_card(s, entry, list(splits)) if repo == "dataset"
                 else checkpoints_card(s, entry))
         card.save(str(folder / "README.md"))
         check_folder(folder)  # what push and the readers will check: fail here, not there
-    return ExportResult(dataset_dir, ckpt_dir, index["dataset_repo_id"],
+    # The dataset repo names the checkpoints repo's files: it goes into place last.
+    replace_folder(ckpt_dir, final["checkpoints"])
+    replace_folder(dataset_dir, final["dataset"])
+    return ExportResult(final["dataset"], final["checkpoints"], index["dataset_repo_id"],
                         index["checkpoints_repo_id"])

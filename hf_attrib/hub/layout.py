@@ -299,6 +299,38 @@ def check_folder(folder: str | Path) -> dict[str, Any]:
     return index
 
 
+#: The dataset index's record of its export's checkpoints repo (:func:`files_digest` of it).
+PAIR_KEY = "checkpoints_files_sha256"
+
+
+def files_digest(index: Mapping[str, Any]) -> str:
+    """sha256 of a repo's file list (each name with its sha256): the dataset repo of an export
+    records that of its checkpoints repo, so that readers pair only repos of one export."""
+    import hashlib
+
+    listing = {name: entry["sha256"] for name, entry in index["files"].items()}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+def check_same_export(dataset_dir: str | Path, checkpoints_dir: str | Path) -> None:
+    """Refuse a dataset repo and a checkpoints repo of different exports: the ground truth
+    would be compared with scores of models it was not computed from, with no other sign.
+
+    Raises:
+        HubIntegrityError: the dataset index records other checkpoint files than those of
+            ``checkpoints_dir`` (a push or pull that stopped between the two repos).
+    """
+    recorded = read_index(dataset_dir).get(PAIR_KEY)
+    if recorded is None:  # an export from before pairs were recorded: nothing to compare
+        return
+    if files_digest(read_index(checkpoints_dir)) != recorded:
+        raise HubIntegrityError(
+            f"{dataset_dir} and {checkpoints_dir} are not of one export: the dataset repo's "
+            "ground truth was computed with other models than the checkpoints repo holds (a "
+            "push or a pull that stopped between the two repos?). Pull both again at one "
+            "revision (a tag), or push the export folder again with `hf-attrib hub push`.")
+
+
 # --------------------------------------------------------------------------------------------
 # Byte-reproducible safetensors
 # --------------------------------------------------------------------------------------------

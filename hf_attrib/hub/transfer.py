@@ -435,6 +435,18 @@ def pull(setting_or_repo: str, what: Sequence[str] = WHAT, *, models: Any = None
     if "checkpoints" in what:
         def checkpoint_files(index: dict[str, Any]) -> list[str]:
             selected = list(kinds) if kinds is not None else list(index.get("kinds", {}))
+            if kinds is None and models is not None:
+                # one range over kinds of different sizes (8 LDS, 5,000 LOO models): every
+                # kind that holds part of it; a range no kind holds is still an error
+                from hf_attrib.model_utils.block_store import parse_model_range
+
+                first = parse_model_range(models)[0]
+                sizes = {k: index["kinds"][k]["num_models"] for k in selected
+                         if k in ("lds", "loo")}
+                if sizes and all(n <= first for n in sizes.values()):
+                    raise ValueError(f"models {models} outside every kind of stacked models ("
+                                     + ", ".join(f"{n} {k}" for k, n in sizes.items()) + ").")
+                selected = [k for k in selected if sizes.get(k, first + 1) > first]
             names = [f for f in ("config.json",) if f in index["files"]]
             for kind in selected:
                 names += shards_for(index, kind, models if kind in ("lds", "loo") else None)

@@ -60,7 +60,9 @@ def dataloader_from_dataset(
                              "label_column=... (CLI: --label-column).")
         dataset = dataset.rename_column(label_column, "labels")
         label_source = label_column
-    elif "labels" not in columns and "label" in columns:
+    elif "labels" not in columns and "label" in columns and (
+            kind.classification or task == "token-classification"):
+        # a language model's labels are its tokens: a class 'label' column is not them
         dataset = dataset.rename_column("label", "labels")
     columns = set(dataset.column_names)
     if "labels" in columns and (kind.classification or task == "token-classification"):
@@ -74,6 +76,8 @@ def dataloader_from_dataset(
                             shown_columns=original_columns)
     keep = [c for c in dataset.column_names if c in MODEL_INPUTS or c == "labels"]
     dataset = dataset.select_columns(keep)
+    if task in ("token-classification", "masked-lm") and "labels" in dataset.column_names:
+        _check_token_labels(dataset, task)
 
     if task == "masked-lm" and "labels" not in dataset.column_names:
         dataset = _fixed_masking(dataset, processor, mlm_probability, seed)
@@ -93,6 +97,19 @@ def dataloader_from_dataset(
         collate = _padding_collator(processor, task)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False,
                       collate_fn=_PlainDict(collate), num_workers=num_workers)
+
+
+def _check_token_labels(dataset: Any, task: str) -> None:
+    """One label per token: the padding collator fills short label lists with -100, so word
+    labels beside sub-word tokens would silently pair word i with token i (often [CLS])."""
+    for i, (ids, labels) in enumerate(zip(dataset["input_ids"], dataset["labels"],
+                                          strict=True)):
+        if len(ids) != len(labels):
+            raise ValueError(
+                f"{task} needs one label per token, but example {i} has {len(labels)} labels "
+                f"for {len(ids)} tokens (word-level labels?). Align them to the tokens first: "
+                "tokenise with is_split_into_words=True and map each token's word_ids() to its "
+                "word's label (-100 for special tokens), then pass input_ids and labels.")
 
 
 def _class_labels(dataset: Any, column: str, label2id: Mapping[str, int] | None,
@@ -233,10 +250,27 @@ def _image_features(dataset: Any, processor: Any) -> Any:
 
 
 def _causal_lm_collator(processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
-    from transformers import DataCollatorForLanguageModeling
+    from transformers import DataCollatorWithPadding
 
     _needs_pad(processor)
-    return DataCollatorForLanguageModeling(processor, mlm=False)
+    return _CausalLMLabels(DataCollatorWithPadding(processor))
+
+
+class _CausalLMLabels:
+    """Pad, then label every real token with itself and padding with -100, by the attention
+    mask as ``_StackCollator`` does. (``DataCollatorForLanguageModeling`` masks by the pad id,
+    which with ``pad_token = eos_token`` also drops each real end-of-sequence token.)"""
+
+    def __init__(self, pad: Callable[[list[Any]], Mapping[str, Tensor]]) -> None:
+        self.pad = pad
+
+    def __call__(self, features: list[Any]) -> dict[str, Tensor]:
+        batch = dict(self.pad(features))
+        labels = batch["input_ids"].clone()
+        if "attention_mask" in batch:
+            labels[batch["attention_mask"] == 0] = -100
+        batch["labels"] = labels
+        return batch
 
 
 def _padding_collator(processor: Any, task: str) -> Callable[..., dict[str, Tensor]]:

@@ -528,6 +528,21 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {name: method_defaults(name)
                                               for name in method_names()}
 
 
+def _check_pad_token(model: nn.Module, task: str) -> None:
+    """Refuse a text classifier without ``config.pad_token_id``. Decoder classifiers (GPT-2,
+    Llama...) score the last token that is not padding, found by that id; without it they
+    refuse batches but take the last position of a batch of one, which is what a per-example
+    gradient is: a right-padded example would be classified from a padding token."""
+    config = getattr(_base_model(model), "config", None)
+    if task == "sequence-classification" and config is not None and getattr(
+            config, "pad_token_id", None) is None:
+        raise ValueError(
+            f"{type(_base_model(model)).__name__}'s config has no pad_token_id, so it cannot "
+            "tell a padded example's last real token from padding (each example's gradient "
+            "is computed alone, where the model would take the last, padding, position). Set "
+            "model.config.pad_token_id = tokenizer.pad_token_id before building the task.")
+
+
 class HFAttributionTask(AttributionTask):
     """An ``AttributionTask`` for a ``transformers`` model and task kind.
 
@@ -545,6 +560,7 @@ class HFAttributionTask(AttributionTask):
                  ) -> None:
         model.eval()
         use_eager_attention(model)  # fused attention kernels have no vmap/double-backward rules
+        _check_pad_token(model, task)
         functions = _Functions(model, task, _mask_mode(model, task))
         if target not in ("default", "loss"):
             raise ValueError(f"target must be 'default' or 'loss', got {target!r}.")
@@ -647,14 +663,28 @@ def _peft_load_func(model: nn.Module, checkpoint: Any) -> nn.Module:
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise ValueError(f"adapter checkpoint {path} does not match the PEFT model: "
-                             f"unexpected keys {unexpected[:5]}.")
+        # an adapter file holds the trainable weights only: each of them must be in it
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        _check_peft_keys(path, getattr(result, "unexpected_keys", []),
+                         [k for k in getattr(result, "missing_keys", []) if k in trainable])
         return model
     state = checkpoint if isinstance(checkpoint, Mapping) else load_state_dict_file(checkpoint)
-    model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False)
+    _check_peft_keys(path or "the state dict", result.unexpected_keys, result.missing_keys)
     return model
+
+
+def _check_peft_keys(source: Any, unexpected: list[str], missing: list[str]) -> None:
+    """Refuse a checkpoint that does not fill the PEFT model: a key that loads nowhere (e.g. a
+    base model's state dict, whose names lack ``base_model.model.``) or a weight left as it was
+    would score every "checkpoint" with the weights already in the model."""
+    if unexpected or missing:
+        raise ValueError(
+            f"checkpoint {source} does not match the PEFT model: "
+            + (f"keys it has no place for: {unexpected[:3]}; " if unexpected else "")
+            + (f"weights it lacks: {missing[:3]}; " if missing else "")
+            + "save checkpoints from the PEFT model itself (its adapter folder, as a Trainer "
+            "saves, or peft_model.state_dict()), not from the base model.")
 
 
 def _last_checkpoint(output_dir: str | os.PathLike) -> Path:

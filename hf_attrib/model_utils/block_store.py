@@ -501,6 +501,9 @@ def merge_stacked(
     for tensors in files:
         for name, tensor in tensors.items():
             parts.setdefault(name, []).append(tensor)
+    if MODEL_IDS_KEY not in parts:
+        raise ValueError(f"no stacked models to merge (model range {models}): ask for a range "
+                         "that holds at least one model, e.g. 0:1.")
     stacked = {name: torch.cat(ts) for name, ts in parts.items()}
     ids = stacked.pop(MODEL_IDS_KEY)
     keep = (torch.ones_like(ids, dtype=torch.bool) if models is None
