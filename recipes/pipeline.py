@@ -359,6 +359,7 @@ def stage_attribute(ctx: Context) -> dict[str, Any]:
 def stage_evaluate(ctx: Context) -> dict[str, Any]:
     from hf_attrib import __version__
     from hf_attrib.benchmark.report import results_chart, results_markdown
+    from hf_attrib.benchmark.runner import best_of_trials
 
     _require(ctx, "evaluate", "attribute")
     rows, first = [], None
@@ -367,6 +368,9 @@ def stage_evaluate(ctx: Context) -> dict[str, Any]:
         results = json.loads(path.read_text())
         first = first or results
         row = results["methods"][0]
+        # each metric's best setting, also for attribute results of an older runner
+        row.update({k: v for k, v in best_of_trials(row.get("trials", [])).items()
+                    if k.endswith("_params")})
         row["attribute_seconds_total"] = sum(t.get("seconds", 0.0) for t in row.get("trials", []))
         row["searched"] = bool(results.get("search"))
         rows.append(row)

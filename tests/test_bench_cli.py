@@ -210,3 +210,44 @@ def test_auc_can_be_skipped(tmp_path):
     row = results["methods"][0]
     assert "auc" not in row and row["auc_skipped"] and results["auc_skipped"]
     assert "lds" in row and "loo" in row and "auc" not in row["trials"][0]
+
+
+def test_each_metric_reports_its_own_best_setting():
+    """A metric's best may come from another setting than LDS's: the row names each (the
+    tables printed LDS's setting beside LOO's and AUC's values); a NaN never wins."""
+    from hf_attrib.benchmark.report import settings_text
+    from hf_attrib.benchmark.runner import best_of_trials
+
+    nan = float("nan")
+    trials = [
+        {"params": {"r": 1}, "lds": nan, "loo": 0.2, "auc": 0.9, "seconds": 1.0,
+         "peak_rss_mb": 10.0},
+        {"params": {"r": 2}, "lds": 0.5, "loo": 0.4, "auc": 0.8, "seconds": 2.0,
+         "peak_rss_mb": 20.0},
+        {"params": {"r": 3}, "lds": 0.3, "loo": 0.1, "auc": 0.95, "seconds": 3.0,
+         "peak_rss_mb": 30.0},
+        {"params": {"r": 4}, "error": "MemoryError: no"},
+    ]
+    row = best_of_trials(trials)
+    assert (row["lds"], row["lds_params"], row["params"], row["seconds"]) == (0.5, {"r": 2},
+                                                                             {"r": 2}, 2.0)
+    assert (row["loo"], row["loo_params"]) == (0.4, {"r": 2})
+    assert (row["auc"], row["auc_params"]) == (0.95, {"r": 3})
+    assert settings_text(row) == "r=2 (AUC: r=3)"
+    first_nan = best_of_trials([trials[0], trials[2]])
+    assert first_nan["params"] == {"r": 3} and first_nan["lds"] == 0.3
+
+
+def test_a_failing_auc_keeps_the_settings_lds_and_loo(tmp_path, monkeypatch):
+    """The noisy-label self-influence failing (a singular Hessian, memory) lost the whole
+    setting before: its LDS and LOO, already computed, were dropped with it."""
+    from hf_attrib.benchmark import runner
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("noisy model went wrong")
+
+    monkeypatch.setattr(runner, "mislabel_detection_auc", fail)
+    row = runner.run_benchmark("digits-lr", methods=["grad-dot"], out_dir=tmp_path / "run",
+                               smoke=True, progress=False)["methods"][0]
+    assert "error" not in row and "lds" in row and "loo" in row and "auc" not in row
+    assert row["auc_error"] == "RuntimeError: noisy model went wrong"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["results_chart", "results_markdown"]
+__all__ = ["results_chart", "results_markdown", "settings_text"]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -19,6 +19,17 @@ def _metric(row: dict[str, Any], metric: str) -> str:
     return text if not interval else f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
+def settings_text(row: dict[str, Any]) -> str:
+    """The setting of the best LDS (whose runtime is reported), then in brackets LOO's and
+    AUC's where their best came from another setting of the grid."""
+    def fmt(params: Any) -> str:
+        return ", ".join(f"{k}={v}" for k, v in (params or {}).items())
+
+    others = [f"{m.upper()}: {fmt(row[f'{m}_params'])}" for m in ("loo", "auc")
+              if row.get(f"{m}_params") not in (None, row.get("params"))]
+    return fmt(row.get("params")) + (f" ({'; '.join(others)})" if others else "")
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The results as a Markdown table (best value per metric over the settings tried)."""
     title = (f"### {results['setting']} (n_train={results['n_train']}, "
@@ -28,14 +39,15 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [title, "", "Best value of each metric over the settings tried, with its 95 % "
              "percentile-bootstrap interval (1,000 resamples of the test examples; for AUC of "
              "the noisy and clean training examples). Seconds and peak RSS: cache + attribute "
-             "at the setting with the best LDS.", "",
+             "at the setting with the best LDS; settings: that setting, and in brackets LOO's and "
+             "AUC's best where they differ.", "",
              "| method | LDS | LOO | AUC | seconds | peak RSS (MB) | settings |",
              "|---|---|---|---|---|---|---|"]
     for row in results["methods"]:
         if "error" in row:
             lines.append(f"| {row['method']} | error: {row['error'][:80]} | | | | | |")
             continue
-        params = ", ".join(f"{k}={v}" for k, v in (row.get("params") or {}).items())
+        params = settings_text(row)
         if row.get("searched") is False and results.get("search"):
             params = f"{params} (defaults, no search)".lstrip()
         lines.append(f"| {row['method']} | {_metric(row, 'lds')} | {_metric(row, 'loo')} | "

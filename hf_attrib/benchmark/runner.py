@@ -74,7 +74,8 @@ from hf_attrib.model_utils.retraining import (
 from hf_attrib.task import AttributionTask
 
 # build_model, classification_functions, generation_functions: re-exported from builders.
-__all__ = ["METHODS", "Prepared", "build_ground_truth", "build_model", "check_writable",
+__all__ = ["METHODS", "Prepared", "best_of_trials", "build_ground_truth", "build_model",
+           "check_writable",
            "classification_functions", "ensemble_models_needed", "generated_test_set",
            "generation_functions", "loo_index", "prepare", "results_markdown", "run_benchmark"]
 
@@ -713,31 +714,53 @@ def _run_method(method: str, model: nn.Module, fns: dict[str, Callable[..., Tens
             _store(trial, "lds", lds(score, ground_truth["lds"], ci=CI_LEVEL))
             if "loo" in ground_truth:
                 _store(trial, "loo", loo_corr(score, ground_truth["loo"], ci=CI_LEVEL))
-            if noisy_task is not None:
+        except Exception as err:  # one failing setting must not lose the others' results
+            trial["error"] = f"{type(err).__name__}: {err}"
+        if noisy_task is not None and "error" not in trial:
+            try:  # its own failure (the noisy model's Hessian...) keeps this LDS and LOO
                 noisy, _ = _cached_attributor(cached, "noisy", method, noisy_task, fns, device,
                                               setting.n_train, params, noisy_state[1])
                 auc, interval = mislabel_detection_auc(
                     noisy.self_attribute(noisy_state[1]), data.noisy_indices, ci=CI_LEVEL)
                 trial["auc"], trial["auc_ci"] = auc, list(interval)
-        except Exception as err:  # one failing setting must not lose the others' results
-            trial["error"] = f"{type(err).__name__}: {err}"
+            except Exception as err:
+                trial["auc_error"] = f"{type(err).__name__}: {err}"
         trials.append(trial)
         if trial_log is not None:
             with open(trial_log, "a") as f:
                 f.write(json.dumps({"method": method, **trial}) + "\n")
-    ok = [t for t in trials if "error" not in t]
     row: dict[str, Any] = {"method": method, "trials": trials}
-    if not ok:
+    if not any("error" not in t for t in trials):
         row["error"] = trials[0]["error"]
         return row
+    row.update(best_of_trials(trials))
+    if "auc" not in row and any("auc_error" in t for t in trials):
+        row["auc_error"] = next(t["auc_error"] for t in trials if "auc_error" in t)
+    return row
+
+
+def best_of_trials(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """For each metric the best value over the settings that computed it (a NaN is not a
+    value), its interval and its setting (``lds_params``, ``loo_params``, ``auc_params``: a
+    metric's best may come from another setting than LDS's); ``params``, ``seconds`` and
+    ``peak_rss_mb`` of the best-LDS setting (the runtime the tables report)."""
+    ok = [t for t in trials if "error" not in t]
+    row: dict[str, Any] = {}
     for metric in ("lds", "loo", "auc"):
-        scored = [t for t in ok if metric in t and t[metric] == t[metric]]
+        scored = [t for t in ok if _defined(t, metric)]
         if scored:
             top = max(scored, key=lambda t: t[metric])
-            row[metric] = top[metric]
+            row[metric], row[f"{metric}_params"] = top[metric], top["params"]
             if f"{metric}_ci" in top:
                 row[f"{metric}_ci"] = top[f"{metric}_ci"]
-    best = max(ok, key=lambda t: t.get("lds", float("-inf")))
-    row.update(params=best["params"], seconds=best["seconds"], peak_rss_mb=best["peak_rss_mb"])
+    if ok:
+        best = max(ok, key=lambda t: t["lds"] if _defined(t, "lds") else float("-inf"))
+        row.update(params=best["params"], seconds=best["seconds"],
+                   peak_rss_mb=best["peak_rss_mb"])
     return row
+
+
+def _defined(trial: dict[str, Any], metric: str) -> bool:
+    value = trial.get(metric)
+    return value is not None and value == value  # NaN != NaN
 

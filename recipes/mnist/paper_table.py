@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hf_attrib.benchmark.report import settings_text
+
 # Table 1 of the paper: (LOO, LDS, AUC) grades, linear (LR) and non-linear (MLP) columns.
 PAPER_GRADES: dict[str, dict[str, tuple[str, str, str]]] = {
     "if-explicit": {"lr": ("++", "++", "++"), "mlp": ("-", "-", "-")},
@@ -77,8 +79,7 @@ def side_by_side(results: dict[str, Any], key: str) -> str:
         row = rows.get(method)
         grade = " / ".join(PAPER_GRADES[method][key])
         dattri = DATTRI_LR_LDS.get(method) if key == "lr" else None
-        params = "" if row is None else ", ".join(
-            f"{k}={v}" for k, v in (row.get("params") or {}).items())
+        params = "" if row is None else settings_text(row)
         if row is not None and row.get("searched") is False:
             params += " (defaults)"
         lines.append(f"| {name} | {grade} | {_value(row, 'loo')} | {_value(row, 'lds')} | "
