@@ -83,13 +83,15 @@ def _comm_device(tensor: Tensor) -> torch.device:
     return tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def gather_rows(rows: Tensor, index: Tensor, total: int) -> Tensor:
+def gather_rows(rows: Tensor, index: Tensor, total: int, world: int | None = None) -> Tensor:
     """Assemble a ``[total, ...]`` tensor from every process's ``rows`` at rows ``index``.
 
     Args:
         rows: this process's rows ``[m, ...]`` (``m`` may differ between processes, even 0).
         index: their global positions ``[m]``.
         total: rows of the result.
+        world: the processes sharing the work (default: the process group's size; ``1``
+            for a caller that keeps to itself inside a group, e.g. ``distributed=False``).
 
     Returns:
         The full tensor, on ``rows``' device, on every process.
@@ -99,7 +101,7 @@ def gather_rows(rows: Tensor, index: Tensor, total: int) -> Tensor:
             (the processes disagree about the data: e.g. different loaders).
     """
     index = index.to(device=rows.device, dtype=torch.long)
-    _, world = rank_and_world()
+    world = rank_and_world()[1] if world is None else world
     if world == 1:
         pieces = [(rows, index)]
     else:
@@ -134,9 +136,10 @@ def gather_rows(rows: Tensor, index: Tensor, total: int) -> Tensor:
     return out
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum of ``tensor`` over the processes (a new tensor; ``tensor`` itself without a group)."""
-    _, world = rank_and_world()
+def all_reduce_sum(tensor: Tensor, world: int | None = None) -> Tensor:
+    """Sum of ``tensor`` over the processes (a new tensor; ``tensor`` itself without a group,
+    or with ``world=1``: a caller that keeps to itself inside a group, as ``gather_rows``)."""
+    world = rank_and_world()[1] if world is None else world
     if world == 1:
         return tensor
     device = _comm_device(tensor)

@@ -90,3 +90,38 @@ def test_distributed_false_ignores_process_group(monkeypatch):
     task = AttributionTask(loss, model, model.state_dict())
     assert GradDotAttributor(task, distributed=False)._world() == (0, 1)
     assert GradDotAttributor(task)._world() == (1, 2)
+
+
+@pytest.mark.parametrize("method", ["trak", "grad-dot"])
+def test_distributed_false_makes_no_collective_inside_a_group(monkeypatch, method):
+    """Inside a process group, ``distributed=False`` read every batch itself: TRAK's streamed
+    kernel was still summed over the group (W times the kernel: scores off ~1/W, silently) and
+    self_attribute gathered rows every process had computed (an error). Here the group is
+    pretended (rank 1 of 2, no real one): any collective call fails the test."""
+    import hf_attrib.algorithm.base as base
+    import hf_attrib.distributed as distributed
+    from hf_attrib.algorithm import make_attributor
+    from hf_attrib.task import AttributionTask
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=5)
+
+    def loss(params, batch):
+        out = torch.func.functional_call(model, params, (batch[0],))
+        return torch.nn.functional.cross_entropy(out, batch[1])
+
+    def scores() -> tuple[torch.Tensor, torch.Tensor]:
+        task = AttributionTask(loss, model, {k: v.clone() for k, v in model.state_dict().items()})
+        kwargs = {"projector_kwargs": {"proj_dim": 8}} if method == "trak" else {}
+        att = make_attributor(method, task, distributed=False, max_cache_bytes=0, **kwargs)
+        att.cache(loader)
+        return att.attribute(loader, loader), att.self_attribute(loader)
+
+    alone = scores()
+    monkeypatch.setattr(base, "rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (1, 2))
+    in_group = scores()
+    for a, b in zip(alone, in_group, strict=True):
+        torch.testing.assert_close(a, b)

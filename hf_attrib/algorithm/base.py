@@ -859,10 +859,11 @@ class FeatureAttributor(BaseAttributor):
         return total if row_factor is None else total * row_factor
 
     def _gather_values(self, index: list[Tensor], values: list[Tensor], total: int) -> Tensor:
+        world = self._world()[1]  # distributed=False: this process computed every row
         if not values:
             return gather_rows(torch.zeros(0, device=self.device),
-                               torch.zeros(0, dtype=torch.long), total)
-        return gather_rows(torch.cat(values), torch.cat(index), total)
+                               torch.zeros(0, dtype=torch.long), total, world)
+        return gather_rows(torch.cat(values), torch.cat(index), total, world)
 
     def _self_groups(self, fns: CheckpointFunctions, loader: DataLoader, count: _Pass
                      ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor | None]]:

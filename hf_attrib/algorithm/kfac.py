@@ -229,7 +229,7 @@ class _KFACBase(FeatureAttributor):
             factors.start_batch(batch_size_of(batch))
             self._run(fns, batch, offset, factors.visit)
             factors.end_batch()
-        factors.all_reduce()
+        factors.all_reduce(self._world()[1])
         return factors.eigen()
 
     def _one_hot_rows(self) -> set[str]:
@@ -277,7 +277,7 @@ class _KFACBase(FeatureAttributor):
 
                 self._run(fns, batch, offset, visit)
                 total += out.double().pow(2).sum(0)
-        return all_reduce_sum(total) / self._n_cache
+        return all_reduce_sum(total, self._world()[1]) / self._n_cache
 
     # -- scoring ------------------------------------------------------------------------------
     def _damping(self, eigenvalues: Tensor) -> Tensor:

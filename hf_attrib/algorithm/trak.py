@@ -137,7 +137,8 @@ class TRAKAttributor(FeatureAttributor):
             kernel = torch.zeros(width, width, dtype=torch.float64, device=self.device)
             for _, feats, _, _ in self._train_blocks(fns, loader, shard=True):
                 kernel += feats.double().T @ feats.double()
-            kernel = all_reduce_sum(kernel)
+            # distributed=False: this process read every batch, so there is nothing to add
+            kernel = all_reduce_sum(kernel, self._world()[1])
         return self._state_from_kernel(fns, kernel)
 
     needs_kernel = True

@@ -187,11 +187,12 @@ class KroneckerFactors:
     def examples(self) -> float:
         return float(self.counts[0])
 
-    def all_reduce(self) -> None:
-        """Sum the factors over the processes (every process calls it, in the same order)."""
+    def all_reduce(self, world: int | None = None) -> None:
+        """Sum the factors over the processes (every process calls it, in the same order);
+        ``world=1``: this process saw every batch (``all_reduce_sum``)."""
         for side in self.sides.values():
-            side.matrix.copy_(all_reduce_sum(side.matrix))
-        self.counts.copy_(all_reduce_sum(self.counts))
+            side.matrix.copy_(all_reduce_sum(side.matrix, world))
+        self.counts.copy_(all_reduce_sum(self.counts, world))
 
     def eigen(self) -> dict[str, BlockEigen]:
         """``{block name: BlockEigen}`` of the factors accumulated so far."""
