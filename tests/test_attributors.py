@@ -148,6 +148,13 @@ def test_arnoldi_low_rank_keeps_top_eigenspace(lr_problem):
     attributor = IFAttributorArnoldi(task=task, proj_dim=6, max_iter=18, regularization=LAM)
     scores = attributor.attribute(p["train"], p["test"])
     torch.testing.assert_close(scores, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+    # a regularization set after cache() applies, as for explicit and CG (it was kept from
+    # cache time: the scores stayed those of the old value, silently)
+    attributor.regularization = 10 * LAM
+    inv = evecs[:, top] @ torch.diag(1 / (evals[top] + 10 * LAM)) @ evecs[:, top].T
+    ref = -(g_train @ inv @ g_test.T) / N_TRAIN
+    scores = attributor.attribute(p["train"], p["test"])
+    torch.testing.assert_close(scores, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
 
 
 def test_tracin_weights_checkpoints_by_step_size(lr_problem):

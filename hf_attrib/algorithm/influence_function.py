@@ -517,7 +517,7 @@ class IFAttributorArnoldi(_IFBase):
         check_eigenvalues(evals, self.regularization, "proj_dim")
         self._eigen[index] = (evals, evecs)
         self._projectors[index] = _EigenProjector(evecs)
-        return evals + self.regularization
+        return evals
 
     def _projector(self, fns: CheckpointFunctions) -> Projector:
         if fns.index not in self._projectors:
@@ -536,7 +536,10 @@ class IFAttributorArnoldi(_IFBase):
 
     def _prepare(self, fns, loader, features):
         evals, _ = self._eigen[fns.index]
-        return evals + self.regularization
+        return evals
 
     def _transform_test(self, fns: CheckpointFunctions, state: Tensor, feats: Tensor) -> Tensor:
-        return feats / state
+        # the damping is added here, not stored: a regularization set after cache() applies,
+        # as it does for the explicit and CG attributors (and is checked against the spectrum)
+        check_eigenvalues(state, self.regularization, "proj_dim")
+        return feats / (state + self.regularization)
