@@ -258,6 +258,22 @@ def test_unindexed_parquet_files_are_not_read(tmp_path):
     assert list(splits) == ["train"] and splits["train"]["label"] == [1, 2]
 
 
+def test_a_split_in_several_parquet_files_is_read_whole(tmp_path):
+    """train-00000-of-00002 and train-00001-of-00002: both read, in order (before, the split's
+    last file replaced the first, silently)."""
+    import datasets
+
+    folder = tmp_path / "ds"
+    (folder / "data").mkdir(parents=True)
+    files = {}
+    for i, labels in enumerate(([1, 2], [3])):
+        name = f"data/train-0000{i}-of-00002.parquet"
+        datasets.Dataset.from_dict({"label": labels}).to_parquet(str(folder / name))
+        files[name] = file_entry(folder / name)
+    _write_index(folder, {"format": INDEX_FORMAT, "repo_type": "dataset", "files": files})
+    assert read_splits(folder)["train"]["label"] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("{not json", "not valid JSON"),
     ('["a list"]', "format 'list'"),

@@ -170,7 +170,10 @@ def read_splits(dataset_dir: str | Path) -> datasets.DatasetDict:
     index = read_index(folder)
     names = sorted(n for n in index["files"]
                    if n.startswith("data/") and n.count("/") == 1 and n.endswith(".parquet"))
-    files = {Path(n).name.split("-")[0]: str(_need(folder, index, n, "data")) for n in names}
+    files: dict[str, list[str]] = {}  # a split may span several files (train-0000i-of-0000n)
+    for n in names:
+        files.setdefault(Path(n).name.split("-")[0], []).append(str(_need(folder, index, n,
+                                                                              "data")))
     if not files:
         raise HubNotFoundError(f"{folder / 'data'} holds no parquet files: pull them with "
                                "`hf-attrib hub pull SETTING --what data`.")
