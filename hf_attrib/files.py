@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = [
+    "FileStamp",
     "file_matches",
+    "file_stamp",
     "fsync_dir",
     "leftover_folders",
     "replace_folder",
@@ -41,6 +43,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+#: What identifies one version of a file: device, inode, size and modification time.
+FileStamp = tuple[int, int, int, int]
+
+
+def file_stamp(path: str | os.PathLike) -> FileStamp | None:
+    """The file's :data:`FileStamp` (``None`` when it is absent): taken before its sha256 is
+    checked and compared before each later read, so that a file replaced or edited since is
+    refused instead of read unverified."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def file_matches(path: str | os.PathLike, size: int, sha256: str) -> bool:

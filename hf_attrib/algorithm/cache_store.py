@@ -52,7 +52,9 @@ from torch import Tensor, nn
 
 from hf_attrib import __version__
 from hf_attrib.files import (
+    FileStamp,
     file_matches,
+    file_stamp,
     fsync_dir,
     leftover_folders,
     replace_folder,
@@ -391,7 +393,7 @@ class CacheReader:
         from safetensors import safe_open
 
         path, stamp = self._files[part["file"]]
-        if _stamp(path) != stamp:
+        if file_stamp(path) != stamp:
             raise CacheIntegrityError(
                 f"{path} changed on disk after read_cache checked its sha256 (another "
                 "save_cache replaced the folder?), so it is not read: load the cache again.")
@@ -483,18 +485,6 @@ def _check_manifest(manifest: Any, source: Path) -> None:
                          f"names to their dtype, shape and parts. {_REBUILD}")
 
 
-#: What identifies one version of a file: device, inode, size and modification time.
-FileStamp = tuple[int, int, int, int]
-
-
-def _stamp(path: Path) -> FileStamp | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _verified(folder: Path, name: str, entry: Mapping[str, Any]) -> tuple[Path, FileStamp]:
     """``folder / name`` and its stamp, refused unless it is a tensor file directly inside
     ``folder`` (after resolving symbolic links) whose size and sha256 are those recorded. The
@@ -506,7 +496,7 @@ def _verified(folder: Path, name: str, entry: Mapping[str, Any]) -> tuple[Path, 
             f"{MANIFEST_NAME} in {folder} names the file {name!r}, which is not a tensor file "
             "inside the cache folder (a path, '..', or a link leading out); a cache may only "
             f"name its own tensors-NNNNN-of-NNNNN.safetensors files. {_REBUILD}")
-    stamp = _stamp(target) if target.is_file() else None
+    stamp = file_stamp(target) if target.is_file() else None
     if stamp is None:
         raise CacheIntegrityError(f"cache file {name} is missing from {folder}. {_REBUILD}")
     if not file_matches(target, entry["size"], entry["sha256"]):

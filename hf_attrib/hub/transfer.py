@@ -446,7 +446,7 @@ def pull(setting_or_repo: str, what: Sequence[str] = WHAT, *, models: Any = None
                 if sizes and all(n <= first for n in sizes.values()):
                     raise ValueError(f"models {models} outside every kind of stacked models ("
                                      + ", ".join(f"{n} {k}" for k, n in sizes.items()) + ").")
-                selected = [k for k in selected if sizes.get(k, first + 1) > first]
+                selected = [k for k in selected if k not in sizes or sizes[k] > first]
             names = [f for f in ("config.json",) if f in index["files"]]
             for kind in selected:
                 names += shards_for(index, kind, models if kind in ("lds", "loo") else None)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from hf_attrib.algorithm.base import FeatureAttributor
 from hf_attrib.algorithm.cache_store import describe_differences
+from hf_attrib.files import FileStamp, file_stamp
 from hf_attrib.hub.errors import HubIntegrityError
 from hf_attrib.hub.layout import INDEX_FILE, read_index, verified_path
 from hf_attrib.index.builder import ROW_FACTOR, resolve_attributor
@@ -78,8 +79,8 @@ class Index:
         self.rows = parse_rows(rows, self.num_rows)
         self._shards = _checked_layout(index["kinds"][FEATURES_KIND]["shards"], self.num_rows,
                                        path)
-        # shard file -> (its confined path, (size, mtime) when its sha256 was checked)
-        self._verified: dict[str, tuple[Path, tuple[int, int]]] = {}
+        # shard file -> (its confined path, its stamp when its sha256 was checked)
+        self._verified: dict[str, tuple[Path, FileStamp]] = {}
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -178,11 +179,11 @@ class Index:
                        f"--rows {entry['start']}:{entry['stop']}` (or query only the rows you "
                        "pulled).")
             # stat before hashing: a write during the hash changes the mtime
-            stamp = _stamp(self.path / file)
+            stamp = file_stamp(self.path / file)
             path = verified_path(self.path, self.index, file, missing=missing)
-            self._verified[file] = (path, stamp or _stamp(path))
+            self._verified[file] = (path, stamp or file_stamp(path))
         path, stamp = self._verified[file]
-        if _stamp(path) != stamp:
+        if file_stamp(path) != stamp:
             raise HubIntegrityError(
                 f"{self.path / file} changed on disk after its sha256 was checked (its size or "
                 "modification time differ), so it is not read: open the index again "
@@ -321,15 +322,6 @@ class Index:
         extra = {k: recorded[k] for k in ("max_length", "text_column")
                  if recorded.get(k) is not None}
         return maker(test, batch_size=batch_size, **extra)
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """``(size, mtime)`` of a file, ``None`` when it is absent."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _query_attributor(meta: Mapping[str, Any], task: Any, model: Any,
